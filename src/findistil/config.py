@@ -1,0 +1,278 @@
+"""Settings: defaults = upstream's financial values, overridden by a YAML file, then env vars.
+
+Precedence (highest first): keyword overrides passed to ``load_settings`` > environment
+variables (``FINDISTIL_HOME``, ``FINDISTIL_DATABASE_URL``, nested keys with ``__``, e.g.
+``FINDISTIL_DATA_SPLIT_CONFIG__EVAL_SIZE=20``) > the YAML file (``--config``,
+``FINDISTIL_CONFIG`` or ``./findistil.yaml``) > defaults. Upstream key names (``nims``,
+``data_split_config``, ``training_config``, ``lora_config``, ``evaluation_config``) are the
+field names, so an upstream ``config.yaml`` section can be pasted in as is.
+
+Every artefact lives under ``home`` (``FINDISTIL_HOME``, default ``~/.findistil``).
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from findistil.errors import ConfigError
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSplitConfig(_Section):
+    """How curated records are split (upstream ``data_split_config``)."""
+
+    eval_size: int = Field(100, ge=1, description="records held out for evaluation")
+    val_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of the rest for validation")
+    min_total_records: int = Field(50, ge=1, description="fewer records than this fails the job")
+    random_seed: int = Field(42, description="seed of sampling and splitting")
+    limit: int | None = Field(None, ge=1, description="sample at most this many records")
+    parse_function_arguments: bool = Field(True, description="tool calls: parse string args")
+    stratify_enabled: bool = Field(True, description="class-stratified eval/val splits")
+    min_samples_per_class: int = Field(2, ge=1, description="classes below this are 'others'")
+    rare_class_threshold: int = Field(1, ge=0, description="classes with <= this many are rare")
+
+    @model_validator(mode="after")
+    def _limit_vs_min(self) -> DataSplitConfig:
+        if self.limit is not None and self.limit < self.min_total_records:
+            raise ValueError(
+                f"limit ({self.limit}) must be >= min_total_records ({self.min_total_records})"
+            )
+        return self
+
+
+class TrainingConfig(_Section):
+    """Fine-tuning settings (upstream ``training_config`` plus findistil's own knobs)."""
+
+    training_type: Literal["sft"] = "sft"
+    finetuning_type: Literal["lora", "all_weights"] = "lora"
+    epochs: int = Field(1, ge=1, description="passes over the training set")
+    batch_size: int = Field(64, ge=1, description="effective batch (gradient accumulation)")
+    learning_rate: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
+    micro_batch_size: int = Field(16, ge=1, description="rows per forward pass")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warm-up share of steps")
+    weight_decay: float = Field(0.0, ge=0)
+    max_seq_length: int = Field(2048, ge=16, description="longer rows are truncated")
+    prompt_pruning: bool = Field(True, description="train on the variable part of prompts")
+    seed: int = 42
+
+
+class LoraConfig(_Section):
+    """LoRA adapter settings (upstream ``lora_config``)."""
+
+    adapter_dim: int = Field(16, ge=1, description="LoRA rank r")
+    adapter_dropout: float = Field(0.1, ge=0, lt=1)
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
+    target_modules: str | list[str] = Field("all-linear", description="peft target_modules")
+    sequence_packing_enabled: bool = Field(True, description="pack short rows into one sequence")
+
+
+class ICLConfig(_Section):
+    """Few-shot (in-context) evaluation settings (upstream generic blueprint's ``icl_config``)."""
+
+    max_examples: int = Field(3, ge=0)
+    min_examples: int = Field(1, ge=0)
+    example_selection: Literal["uniform", "semantic_similarity"] = "uniform"
+    max_context_length: int = Field(8192, ge=256)
+    reserved_tokens: int = Field(2048, ge=0)
+    embedding_model: str = MINILM
+
+    @model_validator(mode="after")
+    def _budget(self) -> ICLConfig:
+        if self.reserved_tokens >= self.max_context_length:
+            raise ValueError("reserved_tokens must be smaller than max_context_length")
+        return self
+
+
+class EvaluationConfig(_Section):
+    """Evaluation settings (upstream ``evaluation_config`` plus generation knobs)."""
+
+    workload_type: Literal["classification", "tool_calling", "auto"] = "auto"
+    tool_eval_type: str = "tool-calling-metric"
+    scoring_mode: Literal["generate", "label_scores"] = Field(
+        "generate", description="free generation (upstream-faithful) or rank the 13 labels"
+    )
+    max_new_tokens: int = Field(24, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = None
+    experiment_name_prefix: str = "findistil"
+    artifact_location: str | None = None
+
+
+class NimConfig(BaseModel):
+    """One candidate student (upstream calls them NIMs). Unknown upstream keys are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model_name: str
+    kind: Literal["auto", "causal_lm", "encoder"] = "auto"
+    context_length: int = 8192
+    customization_enabled: bool = True
+    customizer_configs: dict[str, Any] = Field(default_factory=dict)
+    training_config: dict[str, Any] = Field(
+        default_factory=dict, description="per-candidate overrides of training_config"
+    )
+
+
+def _default_nims() -> list[NimConfig]:
+    # Per-candidate overrides come from measurements on this 2-core machine (MODELS.md):
+    # a 135M model needs a larger learning rate than upstream's 1B-8B students, and the
+    # encoder head needs several epochs.
+    return [
+        NimConfig(
+            model_name=SMOLLM2,
+            kind="causal_lm",
+            training_config={"learning_rate": 1e-3, "batch_size": 16},
+        ),
+        NimConfig(
+            model_name=MINILM,
+            kind="encoder",
+            training_config={"epochs": 4, "learning_rate": 5e-5, "batch_size": 32},
+        ),
+    ]
+
+
+_YAML_DATA: ContextVar[dict[str, Any] | None] = ContextVar("findistil_yaml", default=None)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_YAML_DATA.get() or {})
+
+
+class Settings(BaseSettings):
+    """All of findistil's settings. Build it with ``load_settings``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FINDISTIL_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    home: Path = Field(default_factory=lambda: Path("~/.findistil").expanduser())
+    database_url: str | None = None
+    broker_url: str | None = None
+    runner: Literal["threads", "celery"] = "threads"
+    max_parallel_jobs: int = Field(1, ge=1)
+    max_parallel_candidates: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    recommendation_tolerance: float = Field(0.02, ge=0, description="macro-F1 gap accepted")
+
+    nims: list[NimConfig] = Field(default_factory=_default_nims)
+    data_split_config: DataSplitConfig = Field(default_factory=DataSplitConfig)
+    training_config: TrainingConfig = Field(default_factory=TrainingConfig)
+    lora_config: LoraConfig = Field(default_factory=LoraConfig)
+    icl_config: ICLConfig = Field(default_factory=ICLConfig)
+    evaluation_config: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    mlflow_config: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    # -- paths: every artefact is rooted at ``home`` ------------------------------------
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'findistil.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    def training_for(self, nim: NimConfig) -> TrainingConfig:
+        """The training config of one candidate: global values, then its own overrides."""
+        return _merge(TrainingConfig, self.training_config, nim.training_config, "training_config")
+
+
+def _merge(model: type[BaseModel], base: BaseModel, override: dict | None, key: str):
+    data = base.model_dump()
+    data.update(override or {})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, key)) from None
+
+
+def merge_split_config(base: DataSplitConfig, override: dict[str, Any] | None) -> DataSplitConfig:
+    """A job's ``data_split_config`` merged field by field over the configured one.
+
+    Upstream replaced the whole section with class defaults; here only the fields the
+    request names change. Example: ``merge_split_config(cfg, {"eval_size": 5})``.
+    """
+    return _merge(DataSplitConfig, base, override, "data_split_config")
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        parts.append(f"{key}: {err['msg']}{shown}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def find_config_file(path: str | os.PathLike | None = None) -> Path | None:
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist: check the --config path")
+        return p
+    env = os.environ.get("FINDISTIL_CONFIG")
+    if env:
+        return find_config_file(env)
+    local = Path("findistil.yaml")
+    return local if local.is_file() else None
+
+
+def load_settings(path: str | os.PathLike | None = None, **overrides: Any) -> Settings:
+    """Resolve settings from defaults, YAML file, environment and keyword overrides.
+
+    Raises:
+        ConfigError: naming the first bad key, e.g. ``data_split_config.eval_size``.
+    """
+    data: dict[str, Any] = {}
+    cfg = find_config_file(path)
+    if cfg is not None:
+        try:
+            data = yaml.safe_load(cfg.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {cfg} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {cfg} must hold a mapping of keys at the top level")
+    token = _YAML_DATA.set(data)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    finally:
+        _YAML_DATA.reset(token)
+    settings.home = Path(settings.home).expanduser()
+    return settings

@@ -1,0 +1,98 @@
+"""Students: the small models the flywheel distils into.
+
+``load_student(model_id)`` resolves weights (``registry``) and builds the right kind. Kinds
+register here with ``register_student_kind``; the built-ins are ``causal_lm`` (LoRA on a
+chat LLM, ``students/causal.py``) and ``encoder`` (classification head on a sentence encoder,
+``students/encoder.py``). Heavy imports happen only when a kind is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from findistil.config import Settings, load_settings
+from findistil.errors import ConfigError
+from findistil.students.base import Prediction, Student, TrainResult
+
+__all__ = [
+    "Prediction",
+    "Student",
+    "TrainResult",
+    "load_student",
+    "register_student_kind",
+    "student_kinds",
+]
+
+
+@dataclass(frozen=True)
+class StudentKind:
+    name: str
+    factory: str  # "module:callable" taking (model_id, weights_dir, settings) -> Student
+    detect: Callable[[dict], bool]  # given a model's config.json, is it this kind?
+
+
+_KINDS: dict[str, StudentKind] = {}
+
+
+def register_student_kind(name: str, factory: str, detect: Callable[[dict], bool]) -> None:
+    """Make a student kind available to ``load_student`` and to config ``nims[].kind``."""
+    _KINDS[name] = StudentKind(name, factory, detect)
+
+
+def student_kinds() -> list[str]:
+    return list(_KINDS)
+
+
+def _architectures(config: dict) -> list[str]:
+    return [a for a in config.get("architectures") or [] if isinstance(a, str)]
+
+
+register_student_kind(
+    "causal_lm",
+    "findistil.students.causal:CausalLMStudent.load",
+    lambda cfg: any(a.endswith("ForCausalLM") for a in _architectures(cfg)),
+)
+register_student_kind(
+    "encoder",
+    "findistil.students.encoder:EncoderStudent.load",
+    lambda cfg: (
+        cfg.get("model_type") in {"bert", "roberta", "distilbert", "mpnet", "xlm-roberta"}
+        and not any(a.endswith("ForCausalLM") for a in _architectures(cfg))
+    ),
+)
+
+
+def _resolve_factory(spec: str):
+    module, _, attr = spec.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_student(model_id: str, kind: str = "auto", settings: Settings | None = None) -> Student:
+    """Load a student by id (hub id, packaged id or local HF folder).
+
+    Example: ``load_student("HuggingFaceTB/SmolLM2-135M-Instruct").predict([messages])``.
+    """
+    import json
+
+    from findistil.students.registry import resolve_model
+
+    settings = settings or load_settings()
+    weights: Path = resolve_model(model_id, settings)
+    if kind == "auto":
+        config = json.loads((weights / "config.json").read_text())
+        matches = [k.name for k in _KINDS.values() if k.detect(config)]
+        if not matches:
+            raise ConfigError(
+                f"cannot tell which student kind {model_id!r} is (architectures "
+                f"{_architectures(config)}): set nims[].kind to one of {student_kinds()}"
+            )
+        kind = matches[0]
+    if kind not in _KINDS:
+        raise ConfigError(f"unknown student kind {kind!r}: expected one of {student_kinds()}")
+    return _resolve_factory(_KINDS[kind].factory)(model_id, weights, settings)
