@@ -1,0 +1,326 @@
+"""Loaders: files of logged LLM calls -> the log store.
+
+Three input shapes (REFERENCE §1), detected per file/line:
+
+- upstream log JSONL: rows with ``workload_id`` (and ``request``/``response``), stored
+  unchanged except for ids given on the command line;
+- conversation JSONL: ``{"messages": [...], "tools"?}``, converted as upstream does (request =
+  every message but the last, response = the last);
+- headline CSV: ``headline,label`` or ``headline,teacher_label`` (optional ``id``), converted the
+  way upstream's notebook did: system + user message with findistil's classification prompt and
+  the teacher answer ``[[label]]``.
+
+Files stream line by line into batched inserts, so memory does not grow with the file. A bad
+line is rejected with ``file:line: reason`` and loading goes on; ``lines = loaded + rejected``
+always holds. ``replace=True`` swaps a workload/client's records in one transaction.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from findistil import taxonomy
+from findistil.errors import DataError
+from findistil.logstore import LogStore
+from findistil.progress import Progress, ProgressFn, no_progress
+from findistil.records import LogRecord
+
+MAX_ERRORS_KEPT = 200  # messages kept in the report; every rejection is still counted
+PROGRESS_EVERY = 500  # lines between progress events
+DEMO_FILE = "demo_headlines.csv"
+
+
+@dataclass
+class LoadReport:
+    """What a load did. ``lines == loaded + rejected``; ``errors`` holds ``file:line: reason``."""
+
+    loaded: int = 0
+    rejected: int = 0
+    errors: list[str] = field(default_factory=list)
+    replaced: int = 0
+    source_format: str = ""
+    targets: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    @property
+    def lines(self) -> int:
+        return self.loaded + self.rejected
+
+    def reject(self, where: str, reason: str) -> None:
+        self.rejected += 1
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append(f"{where}: {reason}")
+
+
+class _Rejected(Exception):
+    """A line that cannot become a record; the message is the reason."""
+
+
+def client_id_from_path(path: Path) -> str:
+    """A client id from a file name: ``News Headlines_v2.csv`` -> ``news-headlines-v2``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", path.stem.lower()).strip("-")
+    return slug or "default"
+
+
+def _count_lines(path: Path) -> int:
+    n = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            n += chunk.count(b"\n")
+    return n
+
+
+def _pydantic_reason(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "record"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{loc}: {err['msg']}{more}"
+
+
+def _from_log_row(
+    obj: dict[str, Any], workload_id: str | None, client_id: str | None, derived: str
+) -> dict[str, Any]:
+    record = dict(obj)
+    if workload_id:
+        record["workload_id"] = workload_id
+    if client_id:
+        record["client_id"] = client_id
+    elif not record.get("client_id"):
+        record["client_id"] = derived  # a row without a client gets the file-derived id
+    return record
+
+
+def headline_record(headline: str, label: str, workload_id: str, client_id: str) -> dict[str, Any]:
+    """A classification log record for a teacher-labelled headline (raises ValueError on label)."""
+    answer = taxonomy.format_answer(label)
+    return {
+        "workload_id": workload_id,
+        "client_id": client_id,
+        "request": {"messages": taxonomy.build_messages(headline)},
+        "response": {"choices": [{"message": {"role": "assistant", "content": answer}}]},
+    }
+
+
+def _from_conversation(obj: dict[str, Any], workload_id: str, client_id: str) -> dict[str, Any]:
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise _Rejected("messages must be a list of at least 2 messages (prompt and answer)")
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        raise _Rejected("the last message must be the assistant's answer (role 'assistant')")
+    request: dict[str, Any] = {"messages": messages[:-1]}
+    if obj.get("tools") is not None:
+        request["tools"] = obj["tools"]
+    record = {
+        "workload_id": workload_id,
+        "client_id": client_id,
+        "request": request,
+        "response": {"choices": [{"message": last}]},
+    }
+    if "timestamp" in obj:
+        record["timestamp"] = obj["timestamp"]
+    return record
+
+
+def _validated(record: dict[str, Any]) -> dict[str, Any]:
+    try:
+        parsed = LogRecord.model_validate(record)
+    except ValidationError as exc:
+        raise _Rejected(_pydantic_reason(exc)) from None
+    # The record is stored as logged; only the timestamp is normalised (int, default now).
+    record["timestamp"] = parsed.timestamp
+    return record
+
+
+def _jsonl_records(
+    path: Path, workload_id: str | None, client_id: str | None, report: LoadReport
+) -> Iterator[tuple[int, dict[str, Any] | _Rejected]]:
+    derived = client_id or client_id_from_path(path)
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue  # blank lines are not records (not counted either way)
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise _Rejected(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(obj, dict):
+                    raise _Rejected(f"expected a JSON object, got {type(obj).__name__}")
+                if "workload_id" in obj or "request" in obj:
+                    report.source_format = report.source_format or "log"
+                    record = _from_log_row(obj, workload_id, client_id, derived)
+                elif "messages" in obj:
+                    report.source_format = report.source_format or "conversation"
+                    record = _from_conversation(obj, workload_id or derived, derived)
+                else:
+                    raise _Rejected(
+                        "not a log record (no workload_id/request) nor a conversation (no messages)"
+                    )
+                yield lineno, _validated(record)
+            except _Rejected as exc:
+                yield lineno, exc
+
+
+def _csv_records(
+    path: Path, workload_id: str | None, client_id: str | None, report: LoadReport
+) -> Iterator[tuple[int, dict[str, Any] | _Rejected]]:
+    report.source_format = "headline-csv"
+    workload = workload_id or taxonomy.WORKLOAD_ID
+    client = client_id or client_id_from_path(path)
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = columns
+        label_col = "teacher_label" if "teacher_label" in columns else "label"
+        if "headline" not in columns or label_col not in columns:
+            raise DataError(
+                f"{path}:1: a headline CSV needs the columns headline and label (or "
+                f"teacher_label); found {', '.join(columns) or 'no header'}"
+            )
+        for row in reader:
+            lineno = reader.line_num
+            headline = (row.get("headline") or "").strip()
+            label = (row.get(label_col) or "").strip()
+            if None in row:
+                yield (
+                    lineno,
+                    _Rejected(f"{len(columns) + len(row[None])} fields, expected {len(columns)}"),
+                )
+                continue
+            if not headline:
+                yield lineno, _Rejected("empty headline")
+                continue
+            try:
+                record = headline_record(headline, label, workload, client)
+            except ValueError:
+                yield (
+                    lineno,
+                    _Rejected(
+                        f"unknown label {label!r} in column {label_col}: use one of the 13 classes "
+                        f"({', '.join(taxonomy.LABELS)})"
+                    ),
+                )
+                continue
+            if row.get("id"):
+                record["source_id"] = row["id"]
+            yield lineno, _validated(record)
+
+
+def load_file(
+    path: str | Path,
+    store: LogStore,
+    *,
+    workload_id: str | None = None,
+    client_id: str | None = None,
+    replace: bool = False,
+    progress: ProgressFn = no_progress,
+) -> LoadReport:
+    """Load one JSONL or CSV file into ``store``.
+
+    Args:
+        path: ``.csv`` = headline CSV; anything else is read as JSONL (log or conversation rows).
+        workload_id, client_id: override/set the ids of every record (see module docstring).
+        replace: empty each workload/client the file writes to first, in the same transaction.
+        progress: receives ``Progress("load", lines_read, lines_total, {loaded, rejected})``.
+
+    Returns:
+        a LoadReport; rejected lines are listed as ``file:line: reason``.
+
+    Example: ``load_file("logs.jsonl", store, client_id="app-1").loaded``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: give the path of a .jsonl or .csv file")
+    report = LoadReport()
+    total = _count_lines(path)
+    reader = _csv_records if path.suffix.lower() == ".csv" else _jsonl_records
+    lineno = 0
+    with store.writer(replace=replace) as writer:
+        for lineno, item in reader(path, workload_id, client_id, report):
+            if isinstance(item, _Rejected):
+                report.reject(f"{path}:{lineno}", str(item))
+            else:
+                writer.add(item)
+                report.loaded += 1
+                key = (item["workload_id"], item["client_id"])
+                report.targets[key] = report.targets.get(key, 0) + 1
+            if report.lines % PROGRESS_EVERY == 0:
+                progress(Progress("load", lineno, total, _info(report)))
+        report.replaced = writer.deleted
+    progress(Progress("load", max(lineno, total), max(lineno, total), _info(report)))
+    return report
+
+
+def _info(report: LoadReport) -> dict[str, int]:
+    return {"loaded": report.loaded, "rejected": report.rejected}
+
+
+def demo_path() -> Path:
+    """The packaged synthetic demo log (``findistil/data/demo_headlines.csv``)."""
+    return Path(str(resources.files("findistil") / "data" / DEMO_FILE))
+
+
+def load_demo(
+    store: LogStore,
+    *,
+    records: int | None = None,
+    client_id: str = "demo",
+    replace: bool = False,
+    progress: ProgressFn = no_progress,
+) -> LoadReport:
+    """Load the built-in demo headlines as workload ``news_classifier``, client ``client_id``.
+
+    ``records=N`` loads a seeded, class-stratified subset of N rows (same N -> same rows).
+    """
+    path = demo_path()
+    if records is None:
+        return load_file(path, store, client_id=client_id, replace=replace, progress=progress)
+    with path.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if records < 1 or records > len(rows):
+        raise DataError(f"--records must be between 1 and {len(rows)} (the demo log's size)")
+    keep = _stratified_subset(rows, records, seed=0)
+    report = LoadReport(source_format="headline-csv")
+    with store.writer(replace=replace) as writer:
+        for i in keep:
+            row = rows[i]
+            writer.add(
+                _validated(
+                    headline_record(row["headline"], row["label"], taxonomy.WORKLOAD_ID, client_id)
+                )
+            )
+            report.loaded += 1
+        report.replaced = writer.deleted
+    report.targets[(taxonomy.WORKLOAD_ID, client_id)] = report.loaded
+    progress(Progress("load", report.loaded, report.loaded, _info(report)))
+    return report
+
+
+def _stratified_subset(rows: list[dict[str, str]], n: int, seed: int) -> list[int]:
+    """Indices of ``n`` rows with the class shares of ``rows`` (largest remainders), sorted."""
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_class[row["label"]].append(i)
+    rng = random.Random(seed)
+    quotas = {c: n * len(ix) / len(rows) for c, ix in by_class.items()}
+    take = {c: int(q) for c, q in quotas.items()}
+    order = sorted(by_class, key=lambda c: (-(quotas[c] - take[c]), c))
+    for c in order[: n - sum(take.values())]:
+        take[c] += 1
+    keep: list[int] = []
+    for c in sorted(by_class):
+        ix = list(by_class[c])
+        rng.shuffle(ix)
+        keep.extend(ix[: take[c]])
+    return sorted(keep)
