@@ -76,6 +76,47 @@ def progress_bars(transient: bool = False) -> Iterator[ProgressFn]:
 
 # --- evaluation commands (report-teacher) -----------------------------------------------
 
+
+@app.command("report-teacher")
+def report_teacher(
+    gold: Annotated[Path, typer.Option("--gold", help="CSV: headline, human_label, *_label")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="folder for teacher_report.json and PNGs")
+    ] = None,
+) -> None:
+    """Agreement of each labeller column with people (accuracy, macro-F1, per class)."""
+    from rich.table import Table
+
+    from findistil.report import teacher_report
+
+    result = teacher_report(gold, out)
+    labellers = result["labellers"]
+    summary = Table(title=f"Labellers vs people ({result['rows']} headlines)")
+    for column in ("labeller", "accuracy", "macro F1", "weighted F1", "unparseable"):
+        summary.add_column(column, justify="left" if column == "labeller" else "right")
+    for name, s in labellers.items():
+        summary.add_row(
+            name,
+            f"{s['accuracy']:.3f}",
+            f"{s['macro_f1']:.3f}",
+            f"{s['weighted_f1']:.3f}",
+            f"{s['unparseable_rate']:.3f}",
+        )
+    per_class = Table(title="F1 per class (support = people's count)")
+    per_class.add_column("class")
+    per_class.add_column("support", justify="right")
+    for name in labellers:
+        per_class.add_column(name, justify="right")
+    first = next(iter(labellers.values()))
+    for label, row in first["per_class"].items():
+        f1s = [f"{s['per_class'][label]['f1']:.3f}" for s in labellers.values()]
+        per_class.add_row(label, str(row["support"]), *f1s)
+    console.print(summary)
+    console.print(per_class)
+    if out is not None:
+        console.print(f"wrote {out / 'teacher_report.json'} and confusion PNGs")
+
+
 # --- orchestrator commands (serve, jobs, demo) ------------------------------------------
 
 
