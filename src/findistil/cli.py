@@ -74,6 +74,103 @@ def progress_bars(transient: bool = False) -> Iterator[ProgressFn]:
 
 # --- data commands (load, curate) -------------------------------------------------------
 
+
+@app.command()
+def load(
+    file: Annotated[Path | None, typer.Argument(help="JSONL log/conversation file or CSV")] = None,
+    workload_id: Annotated[str | None, typer.Option(help="set every record's workload")] = None,
+    client_id: Annotated[str | None, typer.Option(help="set every record's client")] = None,
+    replace: Annotated[bool, typer.Option(help="swap out the workload/client's records")] = False,
+    demo: Annotated[bool, typer.Option(help="load the built-in demo headlines")] = False,
+    records: Annotated[int | None, typer.Option(help="--demo: a stratified subset")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Load logged LLM calls into the log store (exit code 2 when lines were rejected)."""
+    from rich.table import Table
+
+    from findistil.loaders import load_demo, load_file
+    from findistil.logstore import open_logstore
+
+    if (file is None) == (not demo):
+        raise typer.BadParameter("give a FILE or --demo (not both)")
+    with open_logstore(get_settings(config)) as store, progress_bars() as progress:
+        if demo:
+            report = load_demo(
+                store, records=records, client_id=client_id or "demo", replace=replace,
+                progress=progress,
+            )  # fmt: skip
+        else:
+            report = load_file(
+                file, store, workload_id=workload_id, client_id=client_id, replace=replace,
+                progress=progress,
+            )  # fmt: skip
+    for line in report.errors[:20]:
+        err_console.print(f"[yellow]rejected[/yellow] {line}", markup=True, highlight=False)
+    if report.rejected > len(report.errors[:20]):
+        err_console.print(f"... {report.rejected - 20} more rejected lines")
+    table = Table(title=f"load ({report.source_format or 'empty file'})")
+    for col in ("workload_id", "client_id", "loaded"):
+        table.add_column(col)
+    for (w, c), n in report.targets.items():
+        table.add_row(w, c, str(n))
+    console.print(table)
+    console.print(
+        f"lines {report.lines}: loaded {report.loaded}, rejected {report.rejected}"
+        + (f", replaced {report.replaced} old records" if replace else "")
+    )
+    if report.rejected:
+        raise typer.Exit(2)
+
+
+@app.command()
+def curate(
+    workload_id: Annotated[str, typer.Option(help="workload to curate")],
+    client_id: Annotated[str, typer.Option(help="client to curate")],
+    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Curate a workload's records into eval/train/val dataset files."""
+    from rich.table import Table
+
+    from findistil.curate import curate_workload
+    from findistil.logstore import open_logstore
+
+    settings = get_settings(config)
+    out = out or settings.datasets_dir / f"{workload_id}--{client_id}"
+    with open_logstore(settings) as store, progress_bars(transient=True) as progress:
+        data = curate_workload(
+            store, workload_id, client_id, settings.data_split_config, out_dir=out,
+            workload_type=settings.evaluation_config.workload_type, progress=progress,
+        )  # fmt: skip
+    table = Table(title=f"curated {workload_id}/{client_id} ({data.workload_type})")
+    table.add_column("step")
+    table.add_column("records", justify="right")
+    for key, value in data.counts.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    for name, path in data.paths.items():
+        console.print(f"{name:>8}: {path}")
+
+
+@app.command()
+def logs(config: ConfigOption = None) -> None:
+    """List the stored workloads with their record counts."""
+    from rich.table import Table
+
+    from findistil.logstore import open_logstore
+
+    with open_logstore(get_settings(config)) as store:
+        rows = store.workloads()
+    table = Table(title="log store")
+    for col in ("workload_id", "client_id", "records"):
+        table.add_column(col, justify="right" if col == "records" else "left")
+    for w, c, n in rows:
+        table.add_row(w, c, str(n))
+    console.print(table)
+    if not rows:
+        console.print("no records yet: load some with `findistil load FILE` or `--demo`")
+
+
 # --- evaluation commands (report-teacher) -----------------------------------------------
 
 
