@@ -23,6 +23,7 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 
+from findistil import console as console_mod
 from findistil.config import Settings, load_settings
 from findistil.errors import FindistilError
 from findistil.progress import Progress, ProgressFn
@@ -215,6 +216,126 @@ def report_teacher(
 
 
 # --- orchestrator commands (serve, jobs, demo) ------------------------------------------
+# Bodies live in findistil.console (HTTP client, tables, demo) and findistil.api (the app).
+
+jobs_app = typer.Typer(help="Create, list, follow, cancel and delete jobs (over the API).")
+app.add_typer(jobs_app, name="jobs", no_args_is_help=True)
+ApiUrlOption = Annotated[
+    str,
+    typer.Option("--api-url", envvar="FINDISTIL_API_URL", help="base URL of a running API"),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="print the raw JSON answer")]
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+) -> None:
+    """Serve the jobs API (upstream's /api/jobs routes) and run jobs in this process."""
+    import uvicorn
+
+    from findistil.api import create_app
+
+    uvicorn.run(create_app(get_settings(config)), host=host, port=port)
+
+
+@jobs_app.command("create")
+def jobs_create(
+    client_id: Annotated[str, typer.Option("--client-id", help="whose records to use")],
+    workload_id: Annotated[str, typer.Option("--workload-id")] = "news_classifier",
+    eval_size: Annotated[int | None, typer.Option(help="override data_split_config")] = None,
+    split: Annotated[
+        str | None, typer.Option("--split-config", help="JSON, e.g. '{\"val_ratio\": 0.2}'")
+    ] = None,
+    api_url: ApiUrlOption = console_mod.DEFAULT_API_URL,
+) -> None:
+    """Queue a flywheel job over a workload/client's logged records."""
+    created = console_mod.ApiClient(api_url).create_job(
+        workload_id, client_id, console_mod.split_override(split, eval_size)
+    )
+    console.print(f"{created['id']} {created['status']}: {created['message']}")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[str | None, typer.Option(help="only jobs in this status")] = None,
+    workload_id: Annotated[str | None, typer.Option("--workload-id")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many")] = None,
+    offset: Annotated[int, typer.Option(help="skip this many (newest first)")] = 0,
+    api_url: ApiUrlOption = console_mod.DEFAULT_API_URL,
+    as_json: JsonOption = False,
+) -> None:
+    """List jobs, newest first."""
+    jobs = console_mod.ApiClient(api_url).list_jobs(
+        status=status, workload_id=workload_id, limit=limit, offset=offset or None
+    )
+    if as_json:
+        console.print_json(data={"jobs": jobs})
+    else:
+        console.print(console_mod.jobs_table(jobs))
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="live bars until done")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between polls")] = 1.0,
+    api_url: ApiUrlOption = console_mod.DEFAULT_API_URL,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one job; --follow draws live bars until it ends (exit 1 unless it completed)."""
+    client = console_mod.ApiClient(api_url)
+    if follow:
+        with progress_bars() as report:
+            job = console_mod.follow_job(client, job_id, report, interval=interval)
+    else:
+        job = client.get_job(job_id)
+    if as_json:
+        console.print_json(data=job)
+    else:
+        console.print(console_mod.job_table(job))
+        if job["status"] == "completed":
+            console.print(console_mod.results_table(job))
+            for line in console_mod.recommendation_lines(job):
+                console.print(line)
+    if follow and job["status"] != "completed":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, api_url: ApiUrlOption = console_mod.DEFAULT_API_URL) -> None:
+    """Ask a pending or running job to stop."""
+    answer = console_mod.ApiClient(api_url).cancel_job(job_id)
+    console.print(f"{answer['id']}: {answer['message']}")
+
+
+@jobs_app.command("delete")
+def jobs_delete(job_id: str, api_url: ApiUrlOption = console_mod.DEFAULT_API_URL) -> None:
+    """Delete a finished job and its datasets, adapters and predictions."""
+    answer = console_mod.ApiClient(api_url).delete_job(job_id)
+    console.print(f"{answer['id']}: {answer['message']}")
+
+
+@app.command()
+def demo(
+    config: ConfigOption = None,
+    records: Annotated[int, typer.Option(help="demo records to load")] = 800,
+    candidates: Annotated[
+        list[str] | None,
+        typer.Option("--candidates", help="model ids (repeat or comma-separate); default: nims"),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="training epochs of every candidate")] = None,
+    eval_size: Annotated[int | None, typer.Option(help="records held out for evaluation")] = 100,
+) -> None:
+    """Run the whole flywheel on the built-in demo log, in-process, and print the results."""
+    names = [c.strip() for item in candidates or [] for c in item.split(",") if c.strip()]
+    settings = console_mod.demo_settings(
+        get_settings(config), candidates=names, epochs=epochs, eval_size=eval_size
+    )
+    code, _ = console_mod.run_demo(settings, records=records, out=console, bars=progress_bars)
+    raise typer.Exit(code)
 
 
 def main() -> None:

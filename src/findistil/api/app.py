@@ -1,0 +1,217 @@
+"""The FastAPI application: upstream's ``/api/jobs`` routes, ``/health`` and a tiny dashboard.
+
+``create_app(settings)`` builds the app; its lifespan opens the flywheel DB and the log store,
+marks jobs a dead process left running as failed (``recover_interrupted``) and starts the
+embedded runner, so ``findistil serve`` is one process that both answers HTTP and runs jobs.
+``BackgroundServer`` runs the app under uvicorn in a thread on a free local port: the
+``findistil demo`` command and the tests drive the API over real HTTP through it.
+
+Run it: ``findistil serve --port 8000`` then ``curl localhost:8000/api/jobs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from sqlalchemy import text
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import findistil
+from findistil.api.deps import DBDep, RunnerDep
+from findistil.api.jobs import router as jobs_router
+from findistil.api.schemas import HealthResponse
+from findistil.config import Settings, load_settings
+from findistil.errors import FindistilError
+
+log = logging.getLogger(__name__)
+
+# A job request is two ids and a handful of split fields (< 1 KiB); anything near this size
+# is a mistake or abuse, and is refused before it is parsed.
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"}:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        # Read the (small) body here, counting, and replay it: a chunked body with no
+        # Content-Length is limited too, and the app never sees a partial body.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"Request body too large: the limit is {self.max_bytes} bytes."},
+            status_code=413,
+        )
+        await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:  # pragma: no cover - JSONResponse never reads
+    return {"type": "http.disconnect"}
+
+
+def _findistil_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, FindistilError)
+    return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
+
+
+def create_app(settings: Settings | None = None, *, start_runner: bool = True) -> FastAPI:
+    """The findistil API over ``settings`` (default: ``load_settings()``).
+
+    ``start_runner=False`` serves the API without executing jobs (they stay queued in the
+    DB for another process's runner).
+    """
+    from findistil.flywheel import jobs as service
+    from findistil.flywheel.db import open_flywheel_db
+    from findistil.flywheel.runner import make_runner
+    from findistil.logstore import open_logstore
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        resolved = settings or load_settings()
+        resolved.home.mkdir(parents=True, exist_ok=True)
+        app.state.settings = resolved
+        app.state.db = open_flywheel_db(resolved)
+        app.state.store = open_logstore(resolved)
+        recovered = service.recover_interrupted(app.state.db)
+        if recovered:
+            log.warning("marked %d interrupted job(s) as failed", recovered)
+        app.state.runner = make_runner(resolved) if start_runner else None
+        if app.state.runner is not None:
+            app.state.runner.start()
+        try:
+            yield
+        finally:
+            if app.state.runner is not None:
+                app.state.runner.stop(timeout=30)
+            for resource in (app.state.db, app.state.store):
+                close = getattr(resource, "close", None) or getattr(resource, "dispose", None)
+                if close is not None:
+                    close()
+
+    app = FastAPI(
+        title="findistil",
+        version=findistil.__version__,
+        description="Data flywheel jobs: upstream-compatible /api/jobs routes plus /health.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_exception_handler(FindistilError, _findistil_error)
+    app.include_router(jobs_router)
+
+    @app.get("/health", response_model=HealthResponse, tags=["health"])
+    def health(db: DBDep, runner: RunnerDep) -> JSONResponse:
+        """Is the database reachable and the runner alive? 200 when both, else 503."""
+        try:
+            with db.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            database = "ok"
+        except Exception as exc:  # any driver error means "not reachable"
+            database = f"unreachable: {type(exc).__name__}"
+        runner_state = "disabled" if runner is None else ("alive" if runner.alive else "stopped")
+        ok = database == "ok" and runner_state != "stopped"
+        body = HealthResponse(
+            status="ok" if ok else "degraded",
+            database=database,
+            runner=runner_state,
+            version=findistil.__version__,
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    @app.get("/", response_class=HTMLResponse, response_model=None, include_in_schema=False)
+    def dashboard() -> HTMLResponse:
+        page = resources.files("findistil.api").joinpath("static/index.html")
+        return HTMLResponse(page.read_text() if page.is_file() else "<p>findistil API</p>")
+
+    return app
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` in a daemon thread; a context manager.
+
+    Example::
+
+        with BackgroundServer(create_app(settings)) as server:
+            httpx.get(server.url + "/health")
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="findistil-api", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the API server on {self.url} failed to start (see the log)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the API server on {self.url} did not start in {timeout:.0f}s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

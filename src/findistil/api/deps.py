@@ -1,0 +1,39 @@
+"""Shared dependencies of the API routes, as ``Annotated`` aliases.
+
+The app's lifespan (``api/app.py``) opens the settings, the flywheel DB, the log store and the
+runner once and keeps them on ``app.state``; routes take them through these aliases, so a
+handler reads ``def get(db: DBDep)`` and knows nothing of where they came from.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from findistil.config import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_db(request: Request) -> Any:
+    """The ``flywheel.db.FlywheelDB`` of this app."""
+    return request.app.state.db
+
+
+def get_store(request: Request) -> Any:
+    """The ``logstore.LogStore`` the jobs read their records from."""
+    return request.app.state.store
+
+
+def get_runner(request: Request) -> Any:
+    """The job runner (``flywheel.runner.Runner``), or None when the app runs without one."""
+    return request.app.state.runner
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DBDep = Annotated[Any, Depends(get_db)]
+StoreDep = Annotated[Any, Depends(get_store)]
+RunnerDep = Annotated[Any, Depends(get_runner)]

@@ -1,0 +1,158 @@
+"""Request and response models of the REST API: upstream's JSON shapes (REFERENCE §8).
+
+Field names are upstream's (``nims``, ``evaluations``, ``customizations``, ``scores.f1_score``)
+so upstream's notebook client reads our jobs unchanged. What findistil adds (full metric set,
+eval ids, predictions links, parameter counts, recommendation, progress) rides along as extra
+fields, which upstream clients ignore. Response models allow extra keys so a field the job
+service adds later is passed through rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+# ISO 8601 text (as the job service returns it) or a datetime (serialised to ISO 8601).
+Timestamp = datetime | str | None
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# -- requests -----------------------------------------------------------------------------
+
+
+class DataSplitOverride(BaseModel):
+    """A job's ``data_split_config``: only the fields named here change (merged field by field).
+
+    Types are checked here (422); cross-field rules (``limit >= min_total_records``) are checked
+    after the merge and come back as 400 naming the key.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    eval_size: int | None = Field(None, ge=1)
+    val_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    min_total_records: int | None = Field(None, ge=1)
+    random_seed: int | None = None
+    limit: int | None = Field(None, ge=1)
+    parse_function_arguments: bool | None = None
+    stratify_enabled: bool | None = None
+    min_samples_per_class: int | None = Field(None, ge=1)
+    rare_class_threshold: int | None = Field(None, ge=0)
+
+
+class JobRequest(BaseModel):
+    """Body of ``POST /api/jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workload_id: str = Field(..., min_length=1, max_length=256)
+    client_id: str = Field(..., min_length=1, max_length=256)
+    data_split_config: DataSplitOverride | None = None
+
+
+# -- responses ----------------------------------------------------------------------------
+
+
+class JobResponse(_Open):
+    """Answer of ``POST /api/jobs``."""
+
+    id: str
+    status: JobStatus
+    message: str
+
+
+class Dataset(_Open):
+    name: str
+    num_records: int | None = None
+    nmp_uri: str | None = None
+
+
+class JobListItem(_Open):
+    id: str
+    workload_id: str
+    client_id: str
+    status: JobStatus
+    started_at: Timestamp = None
+    finished_at: Timestamp = None
+    datasets: list[Dataset] = Field(default_factory=list)
+    error: str | None = None
+
+
+class JobListResponse(_Open):
+    jobs: list[JobListItem]
+
+
+class Evaluation(_Open):
+    eval_type: str
+    scores: dict[str, Any] = Field(default_factory=dict)
+    started_at: Timestamp = None
+    finished_at: Timestamp = None
+    runtime_seconds: float | None = None
+    progress: float = 0.0
+    nmp_uri: str | None = None
+    mlflow_uri: str | None = None
+    error: str | None = None
+
+
+class Customization(_Open):
+    started_at: Timestamp = None
+    finished_at: Timestamp = None
+    runtime_seconds: float | None = None
+    progress: float = 0.0
+    epochs_completed: int = 0
+    steps_completed: int = 0
+    nmp_uri: str | None = None
+    customized_model: str | None = None
+    error: str | None = None
+
+
+class Nim(_Open):
+    model_name: str
+    status: str
+    deployment_status: str | None = None
+    runtime_seconds: float | None = None
+    error: str | None = None
+    evaluations: list[Evaluation] = Field(default_factory=list)
+    customizations: list[Customization] = Field(default_factory=list)
+
+
+class JobDetail(_Open):
+    """Answer of ``GET /api/jobs/{id}``: upstream's job detail plus findistil's extras."""
+
+    id: str
+    workload_id: str
+    client_id: str
+    status: JobStatus
+    started_at: Timestamp = None
+    finished_at: Timestamp = None
+    num_records: int | None = None
+    llm_judge: dict[str, Any] | None = None
+    datasets: list[Dataset] = Field(default_factory=list)
+    nims: list[Nim] = Field(default_factory=list)
+    error: str | None = None
+
+
+class JobActionResponse(_Open):
+    """Answer of cancel and delete."""
+
+    id: str
+    message: str
+
+
+class HealthResponse(BaseModel):
+    """Answer of ``GET /health`` (findistil's addition; upstream has none)."""
+
+    status: Literal["ok", "degraded"]
+    database: str
+    runner: Literal["alive", "stopped", "disabled"]
+    version: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str

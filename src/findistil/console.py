@@ -1,0 +1,462 @@
+"""The orchestrator's terminal side: an HTTP client of the jobs API, rich tables, ``demo``.
+
+``findistil jobs ...`` and ``findistil demo`` (``cli.py``) are thin wrappers over this module.
+Everything here talks to the API over HTTP (``ApiClient``), the way any outside client would,
+so the CLI exercises exactly the routes upstream's notebook uses. ``follow_job`` turns polled
+job details into ``Progress`` events (one bar per candidate and stage); ``results_table``
+prints the scores of a finished job beside their baselines, with the recommendation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.table import Table
+
+from findistil.errors import FindistilError
+from findistil.progress import Progress, ProgressFn, no_progress
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+FINISHED = {"completed", "failed", "cancelled"}
+_STATUS_STYLE = {
+    "completed": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "running": "cyan",
+    "pending": "dim",
+}
+
+
+class ApiError(FindistilError):
+    """The API refused a request (its ``detail`` is the message) or cannot be reached."""
+
+
+class ApiClient:
+    """A small synchronous client of findistil's (and upstream's) ``/api/jobs`` routes."""
+
+    def __init__(self, api_url: str = DEFAULT_API_URL, timeout: float = 30.0) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.api_url, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiError(
+                f"cannot reach the findistil API at {self.api_url} ({type(exc).__name__}): "
+                "start it with `findistil serve` or pass --api-url"
+            ) from None
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            if not isinstance(detail, str):  # 422: a list of field errors
+                detail = "; ".join(
+                    f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}"
+                    for e in detail
+                )
+            raise ApiError(f"{detail} (HTTP {response.status_code})")
+        return response.json()
+
+    def create_job(
+        self, workload_id: str, client_id: str, data_split_config: dict | None = None
+    ) -> dict:
+        body: dict[str, Any] = {"workload_id": workload_id, "client_id": client_id}
+        if data_split_config:
+            body["data_split_config"] = data_split_config
+        return self._call("POST", "/api/jobs", json=body)
+
+    def list_jobs(self, **filters: Any) -> list[dict]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return self._call("GET", "/api/jobs", params=params)["jobs"]
+
+    def get_job(self, job_id: str) -> dict:
+        return self._call("GET", f"/api/jobs/{job_id}")
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._call("POST", f"/api/jobs/{job_id}/cancel")
+
+    def delete_job(self, job_id: str) -> dict:
+        return self._call("DELETE", f"/api/jobs/{job_id}")
+
+    def health(self) -> dict:
+        return self._call("GET", "/health")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+# -- following a job ----------------------------------------------------------------------
+
+
+def short_name(model_name: str) -> str:
+    """``HuggingFaceTB/SmolLM2-135M-Instruct`` -> ``SmolLM2-135M-Instruct`` (paths too)."""
+    return Path(model_name.rstrip("/")).name or model_name
+
+
+def job_events(job: dict) -> Iterable[Progress]:
+    """The job's state as progress events: datasets, then per candidate each stage (0-100)."""
+    datasets_done = 1 if job.get("datasets") else 0
+    yield Progress("datasets", datasets_done, 1, {"records": job.get("num_records") or 0})
+    for nim in job.get("nims") or []:
+        name = short_name(nim["model_name"])
+        for ev in nim.get("evaluations") or []:
+            info: dict[str, Any] = {}
+            f1 = (ev.get("scores") or {}).get("f1_score")
+            if f1 is not None:
+                info["f1"] = float(f1)
+            if ev.get("error"):
+                info["error"] = ev["error"][:40]
+            yield Progress(f"{name} {ev['eval_type']}", round(ev.get("progress") or 0), 100, info)
+        for cust in nim.get("customizations") or []:
+            info = {
+                "epochs": cust.get("epochs_completed") or 0,
+                "steps": cust.get("steps_completed") or 0,
+            }
+            if cust.get("error"):
+                info["error"] = cust["error"][:40]
+            yield Progress(f"{name} customization", round(cust.get("progress") or 0), 100, info)
+
+
+def follow_job(
+    client: ApiClient,
+    job_id: str,
+    progress: ProgressFn = no_progress,
+    *,
+    interval: float = 1.0,
+    timeout: float | None = None,
+) -> dict:
+    """Poll a job until it finishes, reporting each stage as it moves; returns the last detail."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = client.get_job(job_id)
+        for event in job_events(job):
+            progress(event)
+        if job["status"] in FINISHED:
+            return job
+        if deadline is not None and time.monotonic() > deadline:
+            raise ApiError(f"job {job_id} still {job['status']} after {timeout:.0f}s")
+        time.sleep(interval)
+
+
+# -- tables -------------------------------------------------------------------------------
+
+
+def _status(status: str | None) -> str:
+    style = _STATUS_STYLE.get(status or "", "")
+    return f"[{style}]{status}[/{style}]" if style else str(status)
+
+
+def _num(value: Any, fmt: str = ".3f") -> str:
+    if value is None:
+        return "—"
+    try:
+        return format(float(value), fmt)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _secs(value: Any) -> str:
+    return "—" if value is None else f"{float(value):.1f}s"
+
+
+def jobs_table(jobs: list[dict]) -> Table:
+    table = Table(title=f"{len(jobs)} job(s)")
+    for col in ("id", "workload", "client", "status", "started", "finished", "datasets", "error"):
+        table.add_column(col, overflow="fold")
+    for job in jobs:
+        table.add_row(
+            job["id"],
+            job["workload_id"],
+            job["client_id"],
+            _status(job["status"]),
+            (job.get("started_at") or "—")[:19],
+            (job.get("finished_at") or "—")[:19],
+            str(len(job.get("datasets") or [])),
+            (job.get("error") or "")[:60],
+        )
+    return table
+
+
+def job_table(job: dict) -> Table:
+    """One job: a row per candidate stage with status, progress, runtime and f1."""
+    title = (
+        f"job {job['id']}  {job['workload_id']}/{job['client_id']}  {_status(job['status'])}"
+        f"  records={job.get('num_records') or '—'}"
+    )
+    table = Table(title=title)
+    for col in ("candidate", "status", "stage", "progress", "runtime", "f1_score", "error"):
+        table.add_column(col, overflow="fold")
+    for ds in job.get("datasets") or []:
+        table.add_row(
+            "—", "—", f"dataset {ds['name']}", f"{ds.get('num_records')} rows", "", "", ""
+        )
+    for nim in job.get("nims") or []:
+        name = short_name(nim["model_name"])
+        status = f"{_status(nim['status'])} ({nim.get('deployment_status') or '—'})"
+        table.add_row(
+            name, status, "all", "", _secs(nim.get("runtime_seconds")), "", nim.get("error") or ""
+        )
+        for ev in nim.get("evaluations") or []:
+            f1 = (ev.get("scores") or {}).get("f1_score")
+            table.add_row(
+                "",
+                "",
+                ev["eval_type"],
+                f"{ev.get('progress') or 0:.0f}%",
+                _secs(ev.get("runtime_seconds")),
+                _num(f1),
+                ev.get("error") or "",
+            )
+        for cust in nim.get("customizations") or []:
+            table.add_row(
+                "",
+                "",
+                f"customization (epochs {cust.get('epochs_completed') or 0})",
+                f"{cust.get('progress') or 0:.0f}%",
+                _secs(cust.get("runtime_seconds")),
+                "",
+                cust.get("error") or "",
+            )
+    if job.get("error"):
+        table.caption = f"error: {job['error']}"
+    return table
+
+
+# -- results of a finished job ------------------------------------------------------------
+
+_EVAL_ORDER = {"base-eval": 0, "icl-eval": 1, "customized-eval": 2}
+
+
+def _cost_per_1k(nim: dict, scores: dict | None = None) -> float | None:
+    """Seconds of compute to answer 1,000 rows with this candidate (its measured speed)."""
+    if nim.get("s_per_row"):
+        return 1000.0 * float(nim["s_per_row"])
+    rate = nim.get("rows_per_s") or (scores or {}).get("rows_per_s")
+    return 1000.0 / float(rate) if rate else None
+
+
+def _best_eval(nim: dict) -> dict | None:
+    """The candidate's deliverable: its customized eval when it has one, else its best."""
+    done = [
+        ev
+        for ev in nim.get("evaluations") or []
+        if (ev.get("scores") or {}) and not ev.get("error")
+    ]
+    custom = [ev for ev in done if ev["eval_type"] == "customized-eval"]
+    pool = custom or done
+    return max(pool, key=lambda ev: ev["scores"].get("macro_f1") or 0.0) if pool else None
+
+
+def recommend(job: dict, tolerance: float = 0.02) -> dict | None:
+    """Cheapest candidate within ``tolerance`` macro-F1 of the best (the job service's rule).
+
+    Used when the job detail carries no ``recommendation`` of its own.
+    """
+    rows = []
+    for nim in job.get("nims") or []:
+        ev = _best_eval(nim)
+        if ev is None or ev["scores"].get("macro_f1") is None:
+            continue
+        rows.append((nim, ev, float(ev["scores"]["macro_f1"]), _cost_per_1k(nim, ev["scores"])))
+    if not rows:
+        return None
+    best = max(f1 for _, _, f1, _ in rows)
+    close = [r for r in rows if r[2] >= best - tolerance]
+    nim, ev, f1, cost = min(
+        close, key=lambda r: (r[3] if r[3] is not None else float("inf"), -r[2])
+    )
+    return {
+        "model_name": nim["model_name"],
+        "eval_type": ev["eval_type"],
+        "macro_f1": f1,
+        "cost_per_1k_rows_s": cost,
+        "reason": (
+            f"cheapest candidate within {tolerance:.2f} macro-F1 of the best ({best:.3f}); "
+            f"its macro-F1 is {f1:.3f}"
+        ),
+    }
+
+
+def results_table(job: dict) -> Table:
+    """Scores per candidate and eval type, each beside the candidate's base eval."""
+    table = Table(title=f"results of job {job['id']} ({job['status']})")
+    for col in (
+        "candidate",
+        "eval",
+        "f1_score",
+        "Δ f1 vs base",
+        "accuracy",
+        "macro-F1",
+        "rows/s",
+        "params",
+        "train time",
+    ):
+        table.add_column(col, justify="left" if col in ("candidate", "eval") else "right")
+    for nim in job.get("nims") or []:
+        evals = sorted(
+            nim.get("evaluations") or [], key=lambda e: _EVAL_ORDER.get(e["eval_type"], 9)
+        )
+        base = next((e for e in evals if e["eval_type"] == "base-eval" and e.get("scores")), None)
+        base_f1 = (base or {}).get("scores", {}).get("f1_score")
+        train = next(iter(nim.get("customizations") or []), {})
+        params = nim.get("params")
+        name = short_name(nim["model_name"])
+        if not evals:
+            table.add_row(name, f"[red]{nim['status']}[/red]", *["—"] * 7)
+        for i, ev in enumerate(evals):
+            s = ev.get("scores") or {}
+            f1 = s.get("f1_score")
+            delta = "—" if base_f1 is None or f1 is None or ev is base else f"{f1 - base_f1:+.3f}"
+            table.add_row(
+                name if i == 0 else "",
+                ev["eval_type"] + (f" [red]({ev['error'][:30]})[/red]" if ev.get("error") else ""),
+                _num(f1),
+                delta,
+                _num(s.get("accuracy")),
+                _num(s.get("macro_f1")),
+                _num(s.get("rows_per_s"), ".1f"),
+                f"{params / 1e6:.1f}M" if params else "—",
+                _secs(train.get("runtime_seconds")) if ev["eval_type"] == "customized-eval" else "",
+            )
+    return table
+
+
+def recommendation_lines(job: dict, tolerance: float = 0.02) -> list[str]:
+    """The recommendation and every candidate's cost per 1k rows relative to it."""
+    rec = job.get("recommendation") or recommend(job, tolerance)
+    if not rec:
+        return ["no recommendation: no candidate finished an evaluation"]
+    lines = [f"recommended: [bold]{short_name(rec['model_name'])}[/bold] — {rec.get('reason', '')}"]
+    chosen = next((n for n in job.get("nims") or [] if n["model_name"] == rec["model_name"]), None)
+    chosen_cost = _cost_per_1k(chosen, (_best_eval(chosen) or {}).get("scores")) if chosen else None
+    for nim in job.get("nims") or []:
+        cost = _cost_per_1k(nim, (_best_eval(nim) or {}).get("scores"))
+        if cost is None:
+            continue
+        rel = f" ({cost / chosen_cost:.2f}× the recommended)" if chosen_cost else ""
+        lines.append(f"  {short_name(nim['model_name'])}: {cost:.1f} s per 1k rows{rel}")
+    return lines
+
+
+def stage_timings(job: dict) -> Table:
+    """Wall-clock per stage of a job, from the timestamps and runtimes it recorded."""
+    table = Table(title="wall-clock per stage")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for nim in job.get("nims") or []:
+        name = short_name(nim["model_name"])
+        staged = 0.0
+        for ev in nim.get("evaluations") or []:
+            table.add_row(f"{name} {ev['eval_type']}", _secs(ev.get("runtime_seconds")))
+            staged += ev.get("runtime_seconds") or 0.0
+        for cust in nim.get("customizations") or []:
+            table.add_row(f"{name} customization", _secs(cust.get("runtime_seconds")))
+            staged += cust.get("runtime_seconds") or 0.0
+        if nim.get("runtime_seconds") is not None:
+            rest = max(0.0, nim["runtime_seconds"] - staged)
+            table.add_row(f"{name} prepare + release", _secs(rest))
+            table.add_row(f"[bold]{name} total[/bold]", _secs(nim["runtime_seconds"]))
+    return table
+
+
+# -- the demo -----------------------------------------------------------------------------
+
+
+def demo_settings(
+    settings: Any,
+    *,
+    candidates: list[str] | None = None,
+    epochs: int | None = None,
+    eval_size: int | None = None,
+) -> Any:
+    """The demo's settings: embedded runner, with the command line's overrides applied."""
+    from findistil.config import NimConfig
+
+    settings.runner = "threads"
+    if candidates:
+        configured = {nim.model_name: nim for nim in settings.nims}
+        settings.nims = [configured.get(c) or NimConfig(model_name=c) for c in candidates]
+    if epochs is not None:
+        settings.training_config.epochs = epochs
+        for nim in settings.nims:  # per-candidate overrides would otherwise win
+            nim.training_config = {**nim.training_config, "epochs": epochs}
+    if eval_size is not None:
+        settings.data_split_config.eval_size = eval_size
+    return settings
+
+
+def run_demo(
+    settings: Any,
+    *,
+    records: int,
+    out: Any,
+    bars: Any,
+    poll: float = 1.0,
+) -> tuple[int, dict]:
+    """Load the demo log, serve the API in-process, run one job over HTTP, print its results.
+
+    ``out`` is a rich Console; ``bars`` a context manager factory yielding a ProgressFn (the
+    CLI's ``progress_bars``). Returns (exit code: 0 when the job completed, the job detail).
+    """
+    from findistil import loaders, taxonomy
+    from findistil.api.app import BackgroundServer, create_app
+    from findistil.logstore import open_logstore
+
+    timings: list[tuple[str, float]] = []
+    t0 = time.perf_counter()
+    with open_logstore(settings) as store:
+        report = loaders.load_demo(store, records=records, client_id="demo", replace=True)
+    timings.append(("load demo log", time.perf_counter() - t0))
+    out.print(
+        f"loaded {report.loaded} demo records as {taxonomy.WORKLOAD_ID}/demo into {settings.db_url}"
+    )
+    t0 = time.perf_counter()
+    with BackgroundServer(create_app(settings)) as server:
+        timings.append(("start API + runner", time.perf_counter() - t0))
+        client = ApiClient(server.url)
+        try:
+            created = client.create_job(taxonomy.WORKLOAD_ID, "demo")
+            names = ", ".join(short_name(n.model_name) for n in settings.nims)
+            out.print(
+                f"job {created['id']} {created['status']} on {server.url} — candidates: {names}"
+            )
+            t0 = time.perf_counter()
+            with bars() as report_progress:
+                job = follow_job(client, created["id"], report_progress, interval=poll)
+            timings.append(("job (all stages)", time.perf_counter() - t0))
+        finally:
+            client.close()
+    out.print(results_table(job))
+    for line in recommendation_lines(job, settings.recommendation_tolerance):
+        out.print(line)
+    table = stage_timings(job)
+    for name, seconds in timings:
+        table.add_row(name, f"{seconds:.1f}s")
+    out.print(table)
+    if job["status"] != "completed":
+        out.print(f"[red]job {job['id']} ended {job['status']}: {job.get('error') or ''}[/red]")
+        return 1, job
+    return 0, job
+
+
+def split_override(text: str | None, eval_size: int | None = None) -> dict | None:
+    """``--split-config`` JSON plus ``--eval-size``, as a job's ``data_split_config``."""
+    import json
+
+    override: dict[str, Any] = {}
+    if text:
+        try:
+            override = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ApiError(f"--split-config is not valid JSON: {exc}") from None
+        if not isinstance(override, dict):
+            raise ApiError('--split-config must be a JSON object, e.g. {"eval_size": 20}')
+    if eval_size is not None:
+        override["eval_size"] = eval_size
+    return override or None
