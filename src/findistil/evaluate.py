@@ -1,0 +1,299 @@
+"""One evaluation: a student answers every eval row, its answers are scored against the teacher.
+
+Where it sits: after curation (eval rows = whole log records, REFERENCE §4) and, for
+``customized-eval``, after training; the orchestrator's eval stages call ``evaluate`` and
+store ``EvalResult.scores`` as the API's ``scores``. A notebook can call it directly::
+
+    student = load_student("HuggingFaceTB/SmolLM2-135M-Instruct")
+    result = evaluate(student, curated.eval_rows, "base-eval", out_dir=Path("evals/base"),
+                      eval_config=settings.evaluation_config)
+    result.scores["f1_score"], result.scores["accuracy"]
+
+The three types differ only in what the student is given: ``base-eval`` and
+``customized-eval`` (the caller has switched the student to its adapter with ``use_tuned``)
+send ``request.messages`` unchanged; ``icl-eval`` injects few-shot examples from the train rows
+(``findistil.icl``). The reference is the teacher's trimmed answer. Every student kind goes
+through the same path: an encoder student's ``predict`` returns answer strings too.
+
+Scoring modes (``eval_config.scoring_mode``, recorded in ``scores["scoring_mode"]``):
+``generate`` is upstream-faithful free greedy generation; ``label_scores`` has the student rank
+the candidate answers instead (the distinct teacher answers of the train rows when given, else
+``[[label]]`` for all 13 classes), so every output parses.
+
+Files (written only when the whole evaluation finished, each via temp file + rename, so a
+cancelled or failed run leaves nothing half-written): ``out_dir/predictions.jsonl`` (one line
+per row) and ``out_dir/scores.json`` (scores, per-class report, confusion matrix, configs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from findistil import metrics
+from findistil.config import EvaluationConfig, ICLConfig
+from findistil.errors import Cancelled, DataError
+from findistil.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
+from findistil.records import answer_text
+from findistil.students.base import Prediction, Student
+from findistil.taxonomy import LABELS, format_answer, parse_label
+
+EVAL_TYPES = ("base-eval", "icl-eval", "customized-eval")
+PREDICTIONS_FILE = "predictions.jsonl"
+SCORES_FILE = "scores.json"
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation produced (``scores`` is what the jobs API shows)."""
+
+    eval_type: str
+    scores: dict[str, Any]
+    predictions_path: Path
+    scores_path: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _conversations(eval_rows: Sequence[dict[str, Any]]) -> tuple[list[list[dict]], list[str]]:
+    conversations, references = [], []
+    for i, row in enumerate(eval_rows):
+        try:
+            messages = row["request"]["messages"]
+            reference = answer_text(row).strip()
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise DataError(
+                f"eval row {i}: expected a log record with request.messages and "
+                "response.choices[0].message; pass the rows of eval_data.jsonl"
+            ) from None
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"eval row {i}: request.messages must be a non-empty list")
+        conversations.append([dict(m) for m in messages])
+        references.append(reference)
+    return conversations, references
+
+
+def _is_classification(eval_rows, references: list[str], workload_type: str) -> bool:
+    """Whether label metrics make sense: configured, or (auto) no tools and mostly labels."""
+    if workload_type != "auto":
+        return workload_type == "classification"
+    for row in eval_rows:
+        if row["request"].get("tools") or row["response"]["choices"][0]["message"].get(
+            "tool_calls"
+        ):
+            return False
+    parsed = sum(parse_label(r).parseable for r in references)
+    return parsed >= 0.5 * len(references)
+
+
+def candidate_answers(
+    train_rows: Sequence[dict[str, Any]] | None, labels: Sequence[str] | None = None
+) -> list[str]:
+    """The answers ``label_scores`` ranks: ``labels`` if given, else the distinct teacher
+    answers in ``train_rows`` (sorted), else ``[[label]]`` for every taxonomy class."""
+    if labels:
+        return list(dict.fromkeys(labels))
+    answers = sorted(
+        {
+            str(row["messages"][-1].get("content") or "").strip()
+            for row in train_rows or []
+            if row.get("messages")
+        }
+        - {""}
+    )
+    return answers or [format_answer(label) for label in LABELS]
+
+
+def _token_counter(student: Student):
+    """The student's own tokenizer for the ICL budget when it exposes one, else the heuristic."""
+    from findistil.icl import approx_tokens
+
+    tokenizer = getattr(student, "tokenizer", None)
+    if tokenizer is None or not callable(tokenizer):
+        return approx_tokens
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _write_atomically(files: dict[Path, str]) -> None:
+    """Write every file to a temp name first, then rename all: readers never see half a file."""
+    temps = []
+    try:
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps.append((tmp, path))
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def evaluate(
+    student: Student,
+    eval_rows: Sequence[dict[str, Any]],
+    eval_type: str,
+    *,
+    out_dir: Path,
+    eval_config: EvaluationConfig,
+    train_rows: Sequence[dict[str, Any]] | None = None,
+    icl_config: ICLConfig | None = None,
+    labels: Sequence[str] | None = None,
+    progress: ProgressFn = no_progress,
+    should_stop: StopFn = never_stop,
+) -> EvalResult:
+    """Run ``student`` over ``eval_rows`` and score its answers against the teacher's.
+
+    Args:
+        student: any loaded student (causal LM with or without adapter, encoder).
+        eval_rows: whole log records (``eval_data.jsonl``).
+        eval_type: ``base-eval``, ``icl-eval`` or ``customized-eval``.
+        out_dir: where ``predictions.jsonl`` and ``scores.json`` go (created at the end).
+        eval_config: scoring mode, ``max_new_tokens``, ``batch_size``, ``workload_type``.
+        train_rows: ``icl-eval``'s example pool; also the candidate answers of label scoring.
+        icl_config: few-shot settings (default ``ICLConfig()``).
+        labels: candidate answers for ``label_scores`` (overrides the train answers).
+        progress: called after every batch with stage = ``eval_type``.
+        should_stop: checked between batches; when true, raises ``Cancelled``, writes nothing.
+
+    Returns:
+        ``EvalResult`` whose ``scores`` hold ``f1_score`` (upstream's token F1), ``rows``,
+        ``mean_latency_s``, ``rows_per_s``, ``prompt_tokens``, ``completion_tokens``,
+        ``scoring_mode`` and, for classification workloads, ``accuracy``, ``macro_f1``,
+        ``weighted_f1``, ``unparseable_rate``.
+    """
+    if eval_type not in EVAL_TYPES:
+        raise DataError(f"unknown eval_type {eval_type!r}: use one of {', '.join(EVAL_TYPES)}")
+    if not eval_rows:
+        raise DataError("no eval rows to evaluate: curate a dataset with eval_size >= 1 first")
+    conversations, references = _conversations(eval_rows)
+    classification = _is_classification(eval_rows, references, eval_config.workload_type)
+    mode = eval_config.scoring_mode
+    answers = candidate_answers(train_rows, labels) if mode == "label_scores" else None
+
+    example_ids: list[list[int]] | None = None
+    icl_report: dict[str, Any] = {}
+    if eval_type == "icl-eval":
+        from findistil.icl import build_icl_prompts
+
+        icl_config = icl_config or ICLConfig()
+        prompts = build_icl_prompts(
+            conversations, train_rows or [], icl_config, count_tokens=_token_counter(student)
+        )
+        conversations = [p.messages for p in prompts]
+        example_ids = [p.example_ids for p in prompts]
+        counts = [len(ids) for ids in example_ids]
+        icl_report = {
+            "example_selection": icl_config.example_selection,
+            "max_examples": icl_config.max_examples,
+            "mean_examples": float(np.mean(counts)),
+            "rows_below_min_examples": sum(c < icl_config.min_examples for c in counts),
+        }
+
+    total = len(conversations)
+    batch = eval_config.batch_size
+    predictions: list[Prediction] = []
+    progress(Progress(eval_type, 0, total))
+    started = time.perf_counter()
+    for start in range(0, total, batch):
+        if should_stop():
+            raise Cancelled(f"{eval_type} cancelled after {start} of {total} rows")
+        chunk = conversations[start : start + batch]
+        out = student.predict(
+            chunk,
+            max_new_tokens=eval_config.max_new_tokens,
+            mode=mode,
+            labels=answers,
+            batch_size=batch,
+            should_stop=should_stop,
+        )
+        if len(out) != len(chunk):
+            raise RuntimeError(
+                f"{type(student).__name__}.predict returned {len(out)} answers for {len(chunk)}"
+            )
+        predictions += out
+        progress(Progress(eval_type, len(predictions), total, {"rows": len(predictions)}))
+    wall = time.perf_counter() - started
+    if should_stop():
+        raise Cancelled(f"{eval_type} cancelled after {total} of {total} rows")
+
+    outputs = [p.text or "" for p in predictions]
+    row_f1 = [metrics.token_f1(o, r) for o, r in zip(outputs, references, strict=True)]
+    parsed = [parse_label(o) for o in outputs]
+    ref_labels = [parse_label(r).label for r in references]
+    scores: dict[str, Any] = {
+        "f1_score": metrics.f1_score(outputs, references),
+        "rows": total,
+        "mean_latency_s": float(np.mean([p.latency_s for p in predictions])),
+        "rows_per_s": total / wall if wall > 0 else 0.0,
+        "prompt_tokens": int(sum(p.prompt_tokens for p in predictions)),
+        "completion_tokens": int(sum(p.completion_tokens for p in predictions)),
+        "scoring_mode": mode,
+    }
+    report: dict[str, Any] = {"classification": classification, "scoring_mode": mode}
+    if classification:
+        cls = metrics.classification_scores(
+            [p.label for p in parsed], ref_labels, [p.parseable for p in parsed]
+        )
+        for key in ("accuracy", "macro_f1", "weighted_f1", "unparseable_rate"):
+            scores[key] = cls[key]
+        report.update(per_class=cls["per_class"], confusion=cls["confusion"])
+    if answers is not None:
+        report["candidate_answers"] = answers
+    if icl_report:
+        report["icl"] = icl_report
+
+    lines = []
+    for i, (row, pred) in enumerate(zip(eval_rows, predictions, strict=True)):
+        line: dict[str, Any] = {
+            "row": i,
+            "id": row.get("id", row.get("_id", i)),
+            "reference": references[i],
+            "output": outputs[i],
+            "token_f1": row_f1[i],
+            "latency_s": pred.latency_s,
+            "prompt_tokens": pred.prompt_tokens,
+            "completion_tokens": pred.completion_tokens,
+        }
+        if classification:
+            line.update(
+                parsed_label=parsed[i].label if parsed[i].parseable else None,
+                reference_label=ref_labels[i],
+                correct=parsed[i].parseable and parsed[i].label == ref_labels[i],
+            )
+        if example_ids is not None:
+            line["icl_example_ids"] = example_ids[i]
+        if pred.label_scores is not None:
+            line["label_scores"] = pred.label_scores
+        lines.append(json.dumps(line, ensure_ascii=False))
+
+    out_dir = Path(out_dir)
+    predictions_path, scores_path = out_dir / PREDICTIONS_FILE, out_dir / SCORES_FILE
+    card = {
+        "eval_type": eval_type,
+        "model_id": getattr(student, "model_id", None),
+        "student_kind": getattr(student, "kind", None),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "scores": scores,
+        "report": report,
+        "eval_config": eval_config.model_dump(),
+        "icl_config": icl_config.model_dump() if eval_type == "icl-eval" and icl_config else None,
+    }
+    _write_atomically(
+        {
+            predictions_path: "\n".join(lines) + "\n",
+            scores_path: json.dumps(card, indent=2, ensure_ascii=False),
+        }
+    )
+    return EvalResult(eval_type, scores, predictions_path, scores_path, report)
