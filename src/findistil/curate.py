@@ -158,7 +158,7 @@ def _pick(
 
 
 def val_size(rest: int, val_ratio: float) -> int:
-    """``ceil(rest * val_ratio)`` without float noise (180 * 0.15 is 27, not 28)."""
+    """``ceil(rest * val_ratio)`` without float noise (100 * 0.07 is 7, not 8)."""
     exact = round(rest * val_ratio, 9)
     n = int(exact) + (exact > int(exact))
     return min(n, max(rest - 1, 0))  # always leave a record to train on
