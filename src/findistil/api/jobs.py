@@ -84,7 +84,7 @@ def delete_job(job_id: str, db: DBDep, settings: SettingsDep):
     response_model=None,
     responses={200: {"content": {"application/x-ndjson": {}}}, **_ERRORS},
 )
-def download_predictions(job_id: str, eval_id: str, db: DBDep):
+def download_predictions(job_id: str, eval_id: int, db: DBDep):
     """The predictions of one evaluation as JSONL (one row per eval record)."""
     service.validate_job_id(job_id)
     path = service.predictions_path(db, job_id, eval_id)
