@@ -214,6 +214,7 @@ def create_datasets(ctx: StageContext, job_id: str) -> None:
             job.client_id,
             split,
             out_dir=out,
+            workload_type=ctx.settings.evaluation_config.workload_type,
             progress=lambda p: ctx.progress(Progress("datasets", p.done, p.total, dict(p.info))),
         )
     except Cancelled:
