@@ -72,8 +72,17 @@ class TeacherAnswers(Student):
         self.seen: list[list[dict]] = []
         self.calls: list[dict] = []
 
-    def predict(self, conversations, *, max_new_tokens=24, mode="generate", labels=None,
-                batch_size=16, progress=None, should_stop=None):  # fmt: skip
+    def predict(
+        self,
+        conversations,
+        *,
+        max_new_tokens=24,
+        mode="generate",
+        labels=None,
+        batch_size=16,
+        progress=None,
+        should_stop=None,
+    ):
         self.calls.append({"mode": mode, "labels": labels, "n": len(conversations)})
         self.seen += [list(c) for c in conversations]
         return [
@@ -82,7 +91,7 @@ class TeacherAnswers(Student):
                 prompt_tokens=10,
                 completion_tokens=3,
                 latency_s=0.01,
-            )  # fmt: skip
+            )
             for c in conversations
         ]
 
@@ -120,8 +129,11 @@ def test_reference_answers_score_one_and_files_are_written(eval_rows, tmp_path):
     assert student.seen == [r["request"]["messages"] for r in eval_rows]
     assert [c["n"] for c in student.calls] == [5, 5, 2]
     assert [(e.stage, e.done, e.total) for e in events] == [
-        ("base-eval", 0, 12), ("base-eval", 5, 12), ("base-eval", 10, 12), ("base-eval", 12, 12)
-    ]  # fmt: skip
+        ("base-eval", 0, 12),
+        ("base-eval", 5, 12),
+        ("base-eval", 10, 12),
+        ("base-eval", 12, 12),
+    ]
 
     lines = _lines(result.predictions_path)
     assert result.predictions_path == tmp_path / "base" / "predictions.jsonl"
@@ -172,8 +184,9 @@ def test_icl_eval_injects_examples_and_records_them(eval_rows, train_rows, tmp_p
             assert train_rows[i]["messages"][-1]["content"] in seen[0]["content"]
     assert result.report["icl"]["mean_examples"] == 2.0
     with pytest.raises(DataError, match="needs train rows"):
-        evaluate(student, eval_rows, "icl-eval", out_dir=tmp_path / "x",
-                 eval_config=EvaluationConfig())  # fmt: skip
+        evaluate(
+            student, eval_rows, "icl-eval", out_dir=tmp_path / "x", eval_config=EvaluationConfig()
+        )
 
 
 def test_label_scoring_candidates(eval_rows, train_rows, tmp_path):
@@ -215,8 +228,13 @@ def test_bad_input_is_reported(eval_rows, tmp_path):
     with pytest.raises(DataError, match="no eval rows"):
         evaluate(student, [], "base-eval", out_dir=tmp_path, eval_config=cfg)
     with pytest.raises(DataError, match="eval row 1"):
-        evaluate(student, [eval_rows[0], {"messages": []}], "base-eval", out_dir=tmp_path,
-                 eval_config=cfg)  # fmt: skip
+        evaluate(
+            student,
+            [eval_rows[0], {"messages": []}],
+            "base-eval",
+            out_dir=tmp_path,
+            eval_config=cfg,
+        )
 
 
 def _expected_from_predictions(path: Path) -> dict:
