@@ -344,8 +344,8 @@ def run_eval(ctx: StageContext, job_id: str, candidate_id: int, eval_type: str) 
             eval_type,
             out_dir=out,
             eval_config=ctx.settings.evaluation_config,
-            train_rows=train_rows if eval_type == "icl-eval" else None,
-            icl_config=ctx.settings.icl_config if eval_type == "icl-eval" else None,
+            train_rows=train_rows,  # icl-eval's examples; label scoring's candidate answers
+            icl_config=ctx.settings.icl_config,
             progress=RowProgress(ctx, evaluations, row_id, job_id, f"{cand.position}:{eval_type}"),
             should_stop=ctx.stopper(job_id),
         )

@@ -1,0 +1,290 @@
+"""The stage graph and runner end to end on tiny random-model candidates (real DB, real files).
+
+Covers: the full lifecycle with a LoRA candidate and an encoder candidate, a failing candidate
+next to a working one, dataset failure, cancellation during training (latency printed),
+worker shutdown, restart recovery with the runner, delete, and atomic claiming by 2 runners
+of 2 threads each.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+
+from findistil.config import load_settings
+from findistil.flywheel import jobs as service
+from findistil.flywheel.db import FlywheelDB, candidates, customizations, evaluations, jobs
+from findistil.flywheel.runner import ThreadRunner, claim_job, run_claimed_job, run_job
+from findistil.loaders import load_demo
+from findistil.logstore import LogStore
+
+FAST = {
+    "data_split_config": {"eval_size": 13, "min_total_records": 20},
+    "training_config": {"epochs": 1, "micro_batch_size": 8, "batch_size": 16, "seed": 0},
+    "evaluation_config": {"max_new_tokens": 6, "batch_size": 13},
+    "icl_config": {"max_examples": 1, "min_examples": 1},
+}
+
+
+def _settings(url: str, nims: list[dict], **extra):
+    values = {**FAST, **extra}
+    return load_settings(database_url=url, nims=nims, **values)
+
+
+@pytest.fixture
+def tiny_nims(tiny_llama_dir, tiny_bert_dir):
+    return [
+        {"model_name": str(tiny_llama_dir), "kind": "causal_lm"},
+        {"model_name": str(tiny_bert_dir), "kind": "encoder"},
+    ]
+
+
+@pytest.fixture
+def sqlite_url(findistil_home):
+    findistil_home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{findistil_home / 'findistil.db'}"
+
+
+@pytest.fixture
+def demo_store(sqlite_url):
+    store = LogStore(sqlite_url)
+    load_demo(store, records=120)
+    yield store
+    store.close()
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        pause.wait(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_job_lifecycle_end_to_end(sqlite_url, demo_store, tiny_nims):
+    settings = _settings(sqlite_url, tiny_nims)
+    db = FlywheelDB(sqlite_url)
+    job_id = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
+    seen: list[str] = []
+    detail = run_job(settings, job_id, progress=lambda p: seen.append(p.stage), db=db)
+
+    assert detail["status"] == "completed", detail["error"]
+    assert detail["error"] is None and detail["finished_at"] and detail["progress"] == 100.0
+    assert detail["num_records"] == 120
+    names = [d["name"] for d in detail["datasets"]]
+    assert names == [f"flywheel-{n}-news_classifier-{job_id}" for n in ("eval", "train", "val")]
+    assert detail["datasets"][0]["num_records"] == 13
+
+    llama, bert = detail["nims"]
+    assert [e["eval_type"] for e in llama["evaluations"]] == [
+        "base-eval",
+        "icl-eval",
+        "customized-eval",
+    ]
+    assert [e["eval_type"] for e in bert["evaluations"]] == ["customized-eval"]  # no zero-shot
+    for nim in (llama, bert):
+        assert nim["status"] == "completed" and nim["deployment_status"] == "completed"
+        assert nim["error"] is None and nim["params"] > 0 and nim["s_per_row"] > 0
+        assert nim["runtime_seconds"] > 0 and nim["training_seconds"] > 0
+        for ev in nim["evaluations"]:
+            assert ev["status"] == "completed" and ev["progress"] == 100.0
+            assert 0.0 <= ev["scores"]["f1_score"] <= 1.0 and ev["scores"]["rows"] == 13
+            assert ev["predictions_url"] == f"/api/jobs/{job_id}/evaluations/{ev['id']}/predictions"
+            path = service.predictions_path(db, job_id, ev["id"])
+            position = detail["nims"].index(nim)
+            assert (
+                path.parent
+                == service.job_dir(settings, job_id)
+                / "candidates"
+                / str(position)
+                / ev["eval_type"]
+            )
+            assert len(path.read_text().splitlines()) == 13
+        (custom,) = nim["customizations"]
+        assert custom["status"] == "completed" and custom["progress"] == 100.0
+        assert custom["epochs_completed"] == 1 and custom["steps_completed"] >= 1
+        assert custom["adapter_path"].endswith(f"candidates/{detail['nims'].index(nim)}/adapter")
+    rec = detail["recommendation"]
+    assert rec["model_name"] in {llama["model_name"], bert["model_name"]}
+    assert sum(n["recommended"] for n in detail["nims"]) == 1
+    assert set(rec["relative_cost"]) == {llama["model_name"], bert["model_name"]}
+    with db.begin() as conn:  # stored at finalize, not only computed on read
+        assert conn.execute(select(jobs.c.recommendation).where(jobs.c.id == job_id)).scalar()
+    assert {"datasets", "0:base-eval", "0:icl-eval", "0:train", "1:train"} <= set(seen)
+
+    # delete removes the job's files and rows
+    folder = service.job_dir(settings, job_id)
+    assert (folder / "datasets" / "eval_data.jsonl").is_file()
+    service.delete_job(db, settings, job_id)
+    assert not folder.exists()
+    with db.begin() as conn:
+        for table in (candidates, evaluations, customizations):
+            assert conn.execute(select(table).where(table.c.job_id == job_id)).first() is None
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_failing_candidate_does_not_stop_the_other(backend, request, sqlite_url, tiny_bert_dir):
+    url = request.getfixturevalue("postgres_url") if backend == "postgres" else sqlite_url
+    nims = [
+        {"model_name": str(tiny_bert_dir.parent / "no-such-model"), "kind": "encoder"},
+        {"model_name": str(tiny_bert_dir), "kind": "encoder"},
+    ]
+    settings = _settings(url, nims)
+    db, store = FlywheelDB(url), LogStore(url)
+    client = f"test-{service.new_job_id()}"
+    load_demo(store, records=60, client_id=client)
+    job_id = service.create_job(db, store, settings, "news_classifier", client)["id"]
+    try:
+        detail = run_job(settings, job_id, db=db)
+        bad, good = detail["nims"]
+        assert detail["status"] == "completed"
+        assert bad["status"] == "failed" and bad["deployment_status"] == "failed"
+        assert bad["error"].startswith("prepare: ") and bad["evaluations"] == []
+        assert good["status"] == "completed" and good["evaluations"][0]["scores"]
+        assert detail["recommendation"]["model_name"] == str(tiny_bert_dir)
+    finally:
+        store.delete("news_classifier", client)
+        store.close()
+        service.delete_job(db, settings, job_id)
+
+
+def test_dataset_failure_fails_the_job_with_the_curation_message(sqlite_url, demo_store, tiny_nims):
+    settings = _settings(sqlite_url, tiny_nims)
+    db = FlywheelDB(sqlite_url)
+    job_id = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
+    demo_store.delete("news_classifier", "demo")  # records gone between queueing and running
+    detail = run_job(settings, job_id, db=db)
+    assert detail["status"] == "failed" and detail["finished_at"]
+    assert detail["error"].startswith("Not enough records found for the given workload.")
+    assert [n["status"] for n in detail["nims"]] == ["failed", "failed"]
+    assert not (service.job_dir(settings, job_id) / "datasets").exists()
+
+
+def _long_training(sqlite_url, tiny_nims, **extra):
+    # enough epochs that training is still running when the test cancels it
+    settings = _settings(sqlite_url, tiny_nims, **extra)
+    settings.training_config.epochs = 400
+    return settings
+
+
+def _start_in_thread(settings, db, job_id, shutdown=None):
+    assert claim_job(db, job_id, service.process_owner())
+    result: dict = {}
+
+    def target():
+        result["status"] = run_claimed_job(settings, db, job_id, shutdown=shutdown)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, result
+
+
+def _training_steps(db, job_id):
+    with db.begin() as conn:
+        return conn.execute(
+            select(customizations.c.steps_completed).where(customizations.c.job_id == job_id)
+        ).scalar()
+
+
+def test_cancel_during_training_stops_within_seconds(sqlite_url, demo_store, tiny_nims):
+    settings = _long_training(sqlite_url, tiny_nims)
+    db = FlywheelDB(sqlite_url)
+    job_id = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
+    thread, result = _start_in_thread(settings, db, job_id)
+    # progress reaches the DB while training runs (throttled writes)
+    _wait(lambda: (_training_steps(db, job_id) or 0) >= 2, 60, "training progress in the DB")
+    t0 = time.monotonic()
+    service.cancel_job(db, job_id)
+    thread.join(30)
+    latency = time.monotonic() - t0
+    print(f"\ncancel-to-stopped latency during training: {latency:.2f} s")
+    assert not thread.is_alive() and latency < 10
+    assert result["status"] == "cancelled"
+    detail = service.get_job(db, job_id)
+    assert detail["status"] == "cancelled" and detail["error"] == "Job cancelled by user"
+    llama, bert = detail["nims"]
+    assert llama["status"] == "cancelled" and llama["deployment_status"] == "cancelled"
+    assert llama["customizations"][0]["status"] == "cancelled"
+    assert bert["status"] == "cancelled" and bert["evaluations"] == []  # never started
+    cand = service.job_dir(settings, job_id) / "candidates"
+    assert not (cand / "0" / "adapter").exists() and not (cand / "1").exists()
+    with db.begin() as conn:
+        assert conn.execute(select(jobs.c.owner).where(jobs.c.id == job_id)).scalar() is None
+    service.delete_job(db, settings, job_id)  # deletable once stopped
+
+
+def test_worker_shutdown_interrupts_running_job(sqlite_url, demo_store, tiny_nims):
+    settings = _long_training(sqlite_url, tiny_nims)
+    db = FlywheelDB(sqlite_url)
+    job_id = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
+    shutdown = threading.Event()
+    thread, result = _start_in_thread(settings, db, job_id, shutdown)
+    _wait(lambda: (_training_steps(db, job_id) or 0) >= 1, 60, "training to start")
+    shutdown.set()
+    thread.join(30)
+    assert not thread.is_alive() and result["status"] == "failed"
+    detail = service.get_job(db, job_id)
+    assert detail["error"] == service.INTERRUPTED
+    assert {n["status"] for n in detail["nims"]} == {"cancelled"}
+
+
+def test_restart_recovery_then_runner_runs_the_queue(sqlite_url, demo_store, tiny_bert_dir):
+    nims = [{"model_name": str(tiny_bert_dir), "kind": "encoder"}]
+    settings = _settings(sqlite_url, nims)
+    db = FlywheelDB(sqlite_url)
+    left_running = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
+    queued = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
+    # a worker claimed the first job, then its process died
+    assert claim_job(db, left_running, f"{service.socket.gethostname()}:999999999:gone")
+    assert service.recover_interrupted(db) == 1
+    runner = ThreadRunner(settings, db=db, poll_interval=0.2)
+    runner.start()
+    try:
+        assert runner.alive
+        done = _wait(
+            lambda: service.get_job(db, queued)["status"] in ("completed", "failed"), 60, "queue"
+        )
+        assert done
+    finally:
+        runner.stop(10)
+    assert not runner.alive
+    assert service.get_job(db, left_running)["status"] == "failed"
+    assert service.get_job(db, left_running)["error"] == service.INTERRUPTED
+    assert service.get_job(db, queued)["status"] == "completed"
+    assert runner.claimed == [queued]
+
+
+def test_two_runners_with_two_threads_claim_each_job_once(sqlite_url, demo_store, tiny_bert_dir):
+    nims = [{"model_name": str(tiny_bert_dir), "kind": "encoder"}]
+    settings = _settings(sqlite_url, nims, max_parallel_jobs=2, max_parallel_candidates=2)
+    settings.nims = settings.nims * 2  # two candidates per job, run in parallel threads
+    db = FlywheelDB(sqlite_url)
+    ids = [
+        service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
+        for _ in range(4)
+    ]
+    runners = [ThreadRunner(settings, db=db, poll_interval=0.1) for _ in range(2)]
+    for r in runners:
+        r.start()
+    try:
+        _wait(
+            lambda: all(service.get_job(db, j)["status"] == "completed" for j in ids),
+            120,
+            "all jobs",
+        )
+    finally:
+        for r in runners:
+            r.stop(10)
+    claimed = runners[0].claimed + runners[1].claimed
+    assert sorted(claimed) == sorted(ids)
+    for job_id in ids:
+        nims_out = service.get_job(db, job_id)["nims"]
+        assert [n["status"] for n in nims_out] == ["completed", "completed"]
