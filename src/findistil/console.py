@@ -100,12 +100,20 @@ def short_name(model_name: str) -> str:
 
 
 def job_events(job: dict) -> Iterable[Progress]:
-    """The job's state as progress events: datasets, then per candidate each stage (0-100)."""
+    """The job's state as progress events: datasets, then per candidate each stage (0-100).
+
+    Stages a candidate has planned but not started yet show as empty bars, so the whole
+    shape of the job is visible from the first poll after its weights are loaded.
+    """
     datasets_done = 1 if job.get("datasets") else 0
     yield Progress("datasets", datasets_done, 1, {"records": job.get("num_records") or 0})
     for nim in job.get("nims") or []:
         name = short_name(nim["model_name"])
+        ready = nim.get("deployment_status") in ("ready", "completed") or nim["status"] in FINISHED
+        yield Progress(f"{name} prepare", int(ready), 1, {"status": nim.get("deployment_status")})
+        seen = set()
         for ev in nim.get("evaluations") or []:
+            seen.add(ev["eval_type"])
             info: dict[str, Any] = {}
             f1 = (ev.get("scores") or {}).get("f1_score")
             if f1 is not None:
@@ -114,6 +122,7 @@ def job_events(job: dict) -> Iterable[Progress]:
                 info["error"] = ev["error"][:40]
             yield Progress(f"{name} {ev['eval_type']}", round(ev.get("progress") or 0), 100, info)
         for cust in nim.get("customizations") or []:
+            seen.add("customization")
             info = {
                 "epochs": cust.get("epochs_completed") or 0,
                 "steps": cust.get("steps_completed") or 0,
@@ -121,6 +130,9 @@ def job_events(job: dict) -> Iterable[Progress]:
             if cust.get("error"):
                 info["error"] = cust["error"][:40]
             yield Progress(f"{name} customization", round(cust.get("progress") or 0), 100, info)
+        for stage in nim.get("stages") or []:
+            if stage not in seen:
+                yield Progress(f"{name} {stage}", 0, 100, {})
 
 
 def follow_job(

@@ -45,6 +45,9 @@ def test_health_reports_database_and_runner(client):
     assert answer.json()["status"] == "ok"
     assert answer.json()["database"] == "ok"
     assert answer.json()["runner"] == "alive"
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'fetch("/api/jobs' in page.text or "fetch(`/api/jobs" in page.text
 
 
 # -- the job lifecycle ------------------------------------------------------------------

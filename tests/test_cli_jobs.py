@@ -1,0 +1,131 @@
+"""``findistil jobs ...`` against a live API (uvicorn in a thread, real SQLite/PostgreSQL).
+
+Each test runs the commands (Typer's CliRunner, or the real console script where the exit
+code of a library error matters), asserts exit code and output, then reads the flywheel DB.
+"""
+
+# ruff: noqa: F811 - the API tests' fixtures are imported by name and requested by name
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from findistil.cli import app
+from findistil.flywheel.db import FlywheelDB, jobs
+from tests.api.conftest import (  # noqa: F401 - fixtures
+    client,
+    database_url,
+    demo_records,
+    server,
+    settings,
+    wait_job,
+    write_config,
+)
+
+runner = CliRunner()
+
+
+def _job_row(settings, job_id):
+    db = FlywheelDB(settings.db_url)
+    try:
+        with db.begin() as conn:
+            return conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+    finally:
+        db.dispose()
+
+
+def _cli(*args, api=None):
+    argv = [*args, "--api-url", api] if api else list(args)
+    result = runner.invoke(app, argv, catch_exceptions=False)
+    return result
+
+
+def _script(*args):
+    """The real console-script path: library errors become exit code 2 in ``main``."""
+    return subprocess.run(
+        [sys.executable, "-m", "findistil.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=120,
+    )
+
+
+def test_create_follow_list_show_delete(server, settings):
+    created = _cli("jobs", "create", "--client-id", "demo", "--eval-size", "8", api=server.url)
+    assert created.exit_code == 0, created.output
+    job_id, status = created.output.split()[:2]
+    assert status == "pending"
+    row = _job_row(settings, job_id)
+    assert row.workload_id == "news_classifier" and row.client_id == "demo"
+    assert row.config["data_split_config"]["eval_size"] == 8  # merged over the yaml's 10
+
+    followed = _cli("jobs", "show", job_id, "--follow", "--interval", "0.2", api=server.url)
+    assert followed.exit_code == 0, followed.output
+    assert "customized-eval" in followed.output and "recommended:" in followed.output
+    assert _job_row(settings, job_id).status == "completed"
+
+    listed = _cli("jobs", "list", "--json", api=server.url)
+    assert listed.exit_code == 0
+    assert [j["id"] for j in json.loads(listed.output)["jobs"]] == [job_id]
+    table = _cli("jobs", "list", "--status", "completed", api=server.url)
+    assert job_id in table.output and "1 job(s)" in table.output
+    empty = _cli("jobs", "list", "--status", "failed", api=server.url)
+    assert "0 job(s)" in empty.output
+
+    shown = _cli("jobs", "show", job_id, "--json", api=server.url)
+    detail = json.loads(shown.output)
+    assert detail["status"] == "completed"
+    assert detail["data_split_config"]["eval_size"] == 8
+    assert len(detail["nims"][0]["evaluations"]) == 3
+
+    deleted = _cli("jobs", "delete", job_id, api=server.url)
+    assert deleted.exit_code == 0
+    assert "Job deletion started" in deleted.output
+    assert _job_row(settings, job_id) is None
+    assert not (settings.jobs_dir / job_id).exists()
+
+
+def test_cancel_then_follow_exits_1(server, settings, write_config):
+    created = _cli("jobs", "create", "--client-id", "demo", api=server.url)
+    job_id = created.output.split()[0]
+    cancelled = _cli("jobs", "cancel", job_id, api=server.url)
+    assert cancelled.exit_code == 0, cancelled.output
+    assert "Job cancellation initiated successfully." in cancelled.output
+    followed = _cli("jobs", "show", job_id, "--follow", "--interval", "0.2", api=server.url)
+    assert followed.exit_code == 1
+    row = _job_row(settings, job_id)
+    assert (row.status, row.error) == ("cancelled", "Job cancelled by user")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_api_errors_are_exit_code_2_with_upstream_messages(server, settings):
+    again = _cli("jobs", "create", "--client-id", "demo", api=server.url).output.split()[0]
+    with httpx.Client(base_url=server.url) as http:
+        wait_job(http, again)
+    cases = [
+        (("jobs", "show", "nope"), "Invalid job_id format (HTTP 400)"),
+        (("jobs", "show", "0123456789abcdef01234567"), "Job not found (HTTP 404)"),
+        (("jobs", "cancel", again), "Cannot cancel a job that has already finished."),
+        (("jobs", "create", "--client-id", "ghost"), "has 0 records"),
+        (("jobs", "create", "--client-id", "demo", "--split-config", "[1]"), "JSON object"),
+    ]
+    for args, message in cases:
+        result = _script(*args, "--api-url", server.url)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert message in " ".join(result.stderr.split()), (args, result.stderr)
+    assert _job_row(settings, again).status == "completed"
+
+
+def test_unreachable_api_is_a_clear_error(findistil_home):
+    result = _script("jobs", "list", "--api-url", "http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert "cannot reach the findistil API at http://127.0.0.1:9" in " ".join(result.stderr.split())
