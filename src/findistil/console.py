@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +362,13 @@ def stage_timings(job: dict) -> Table:
     table = Table(title="wall-clock per stage")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
+    started = _when(job.get("started_at"))
+    firsts = [_when(n.get("started_at")) for n in job.get("nims") or []]
+    firsts = [t for t in firsts if t is not None]
+    if started and firsts:
+        table.add_row(
+            "initialize + create_datasets", _secs((min(firsts) - started).total_seconds())
+        )
     for nim in job.get("nims") or []:
         name = short_name(nim["model_name"])
         staged = 0.0
@@ -374,7 +382,14 @@ def stage_timings(job: dict) -> Table:
             rest = max(0.0, nim["runtime_seconds"] - staged)
             table.add_row(f"{name} prepare + release", _secs(rest))
             table.add_row(f"[bold]{name} total[/bold]", _secs(nim["runtime_seconds"]))
+    finished = _when(job.get("finished_at"))
+    if started and finished:
+        table.add_row("[bold]job total[/bold]", _secs((finished - started).total_seconds()))
     return table
+
+
+def _when(stamp: str | None) -> datetime | None:
+    return datetime.fromisoformat(stamp) if stamp else None
 
 
 # -- the demo -----------------------------------------------------------------------------
