@@ -288,3 +288,32 @@ def test_two_runners_with_two_threads_claim_each_job_once(sqlite_url, demo_store
     for job_id in ids:
         nims_out = service.get_job(db, job_id)["nims"]
         assert [n["status"] for n in nims_out] == ["completed", "completed"]
+
+
+def test_stages_run_inline_and_record_their_own_failure(sqlite_url, demo_store, tiny_bert_dir):
+    # stages are plain functions over the DB: callable one by one without a runner
+    import shutil
+
+    from findistil.flywheel import stages
+
+    nims = [{"model_name": str(tiny_bert_dir), "kind": "encoder"}]
+    settings = _settings(sqlite_url, nims)
+    db = FlywheelDB(sqlite_url)
+    job_id = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
+    assert claim_job(db, job_id, service.process_owner())
+    ctx = stages.StageContext(settings, db)
+    (cid,) = stages.initialize(ctx, job_id)
+    assert stages.initialize(ctx, job_id) == [cid]  # idempotent
+    stages.create_datasets(ctx, job_id)
+    assert stages.prepare(ctx, job_id, cid) == ["customization", "customized-eval"]
+    adapter = stages.customization(ctx, job_id, cid)
+    shutil.rmtree(adapter)  # the artefact vanished before the customized eval
+    with pytest.raises(Exception, match="no trained adapter"):
+        stages.customized_eval(ctx, job_id, cid)
+    stages.release(ctx, job_id, cid, status="failed", error="customized-eval: no adapter")
+    assert ctx.students == {}
+    (ev,) = service.get_job(db, job_id)["nims"][0]["evaluations"]
+    assert ev["status"] == "failed" and "no trained adapter" in ev["error"]
+    assert ev["predictions_url"] is None
+    assert stages.finalize(ctx, job_id) == "failed"  # its only candidate failed
+    assert "every candidate failed" in service.get_job(db, job_id)["error"]

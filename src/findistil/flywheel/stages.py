@@ -313,8 +313,11 @@ def _nim(ctx: StageContext, job_id: str, position: int) -> NimConfig:
     return NimConfig.model_validate(_job(ctx, job_id).config["nims"][position])
 
 
-def run_eval(ctx: StageContext, job_id: str, candidate_id: int, eval_type: str) -> dict:
-    """One evaluation of a loaded candidate; returns its scores."""
+def run_eval(
+    ctx: StageContext, job_id: str, candidate_id: int, eval_type: str, *, tuned: bool = False
+) -> dict:
+    """One evaluation of a loaded candidate (``tuned``: with its trained adapter); returns
+    its scores. Any failure, switching to the adapter included, lands on the eval's row."""
     from findistil.evaluate import evaluate
 
     cand = _candidate(ctx, candidate_id)
@@ -338,6 +341,8 @@ def run_eval(ctx: StageContext, job_id: str, candidate_id: int, eval_type: str) 
     t0 = time.monotonic()
     try:
         ctx.check(job_id)
+        if tuned:
+            student.use_tuned(_trained_adapter(ctx, candidate_id))
         result = evaluate(
             student,
             eval_rows,
@@ -389,6 +394,10 @@ def icl_eval(ctx: StageContext, job_id: str, candidate_id: int) -> dict:
 
 def customized_eval(ctx: StageContext, job_id: str, candidate_id: int) -> dict:
     """Evaluate the candidate with the adapter its customization stage trained."""
+    return run_eval(ctx, job_id, candidate_id, "customized-eval", tuned=True)
+
+
+def _trained_adapter(ctx: StageContext, candidate_id: int) -> Path:
     with ctx.db.begin() as conn:
         adapter = conn.execute(
             select(customizations.c.adapter_path)
@@ -398,10 +407,9 @@ def customized_eval(ctx: StageContext, job_id: str, candidate_id: int) -> dict:
             )
             .order_by(customizations.c.id.desc())
         ).scalar()
-    if not adapter:
+    if not adapter or not Path(adapter).exists():
         raise FindistilError("no trained adapter: the customization stage did not complete")
-    ctx.students[candidate_id].use_tuned(Path(adapter))
-    return run_eval(ctx, job_id, candidate_id, "customized-eval")
+    return Path(adapter)
 
 
 def customization(ctx: StageContext, job_id: str, candidate_id: int) -> Path:
