@@ -188,6 +188,9 @@ def test_error_messages():
     split = DataSplitConfig(eval_size=60, min_total_records=20)
     with pytest.raises(DataError, match=r"eval_size is 60, but only 40 records remain"):
         curate_records(dupes, split)
+    split = DataSplitConfig(eval_size=60, min_total_records=50, limit=50)
+    with pytest.raises(DataError, match=r"only 50 records remain .*80 found, limit 50"):
+        curate_records(records_for(80), split)
     with pytest.raises(Exception, match="workload_type"):
         curate_records(records_for(60), DataSplitConfig(eval_size=5), workload_type="chat")
 

@@ -8,7 +8,7 @@ upstream's (REFERENCE §2-§4), in order, each counted:
 3. tool-calling workloads only: keep records whose answer calls functions, parse string
    arguments as JSON;
 4. dedup on the user messages, the newest copy wins;
-5. minimum re-checked after filtering, and ``eval_size`` checked *here* (upstream checked it
+5. minimum re-checked after filtering, and ``eval_size`` checked against what is left (upstream checked it
    against the raw count, so duplicates could leave nothing to train on);
 6. seeded sample of up to ``limit`` records;
 
@@ -273,17 +273,18 @@ def curate_records(
             f"{len(valid)}, after quality filters: {len(filtered)}. "
             "Please provide more valid records."
         )
-    if split.eval_size >= len(unique):
-        raise DataError(
-            "eval_size cannot be larger than the total number of records. "
-            f"eval_size is {split.eval_size}, but only {len(unique)} records remain after "
-            f"format filtering and deduplication ({len(records)} found); lower "
-            "data_split_config.eval_size so that records are left to train on."
-        )
     selected = unique
     if split.limit is not None and len(unique) > split.limit:
         rng = random.Random(f"{split.random_seed}:sample")
         selected = [unique[i] for i in sorted(rng.sample(range(len(unique)), split.limit))]
+    if split.eval_size >= len(selected):
+        limited = f", limit {split.limit}" if len(selected) < len(unique) else ""
+        raise DataError(
+            "eval_size cannot be larger than the total number of records. "
+            f"eval_size is {split.eval_size}, but only {len(selected)} records remain after "
+            f"format filtering and deduplication ({len(records)} found{limited}); lower "
+            "data_split_config.eval_size so that records are left to train on."
+        )
     counts["selected"] = len(selected)
     progress(Progress("curate", 5, steps, dict(counts)))
 
