@@ -8,8 +8,8 @@ upstream's (REFERENCE §2-§4), in order, each counted:
 3. tool-calling workloads only: keep records whose answer calls functions, parse string
    arguments as JSON;
 4. dedup on the user messages, the newest copy wins;
-5. minimum re-checked after filtering, and ``eval_size`` checked against what is left (upstream checked it
-   against the raw count, so duplicates could leave nothing to train on);
+5. minimum re-checked after filtering, and ``eval_size`` checked against what is left
+   (upstream checked it against the raw count, so duplicates could leave nothing to train on);
 6. seeded sample of up to ``limit`` records;
 
 then the split: an ``eval_size`` eval set, and ``ceil(rest * val_ratio)`` validation rows,
