@@ -239,3 +239,31 @@ def test_bad_rows_name_the_row(llama, tmp_path):
         )
     assert not (tmp_path / "a").exists()
     assert not (tmp_path / "a" / CARD_NAME).exists()
+
+
+def test_training_beside_loaded_adapters_leaves_them_alone(llama, tiny_llama_dir, tmp_path):
+    """The engine's model is a PeftModel once an adapter is attached: train next to it."""
+    from peft import PeftModel
+
+    model, tok = llama
+    probe = collate(encode_rows(tok, _rows(2, offset=300), None, 2048, "x"), tok.pad_token_id)
+    kw = {"training": _cfg(), "lora": LORA, "base_model_id": "t"}
+    train_lora(model, tok, _rows(8), [], tmp_path / "a", **kw)
+    served = PeftModel.from_pretrained(model, tmp_path / "a", adapter_name="a").eval()
+    with torch.no_grad():
+        with_a = served(input_ids=probe["input_ids"]).logits.clone()
+
+    train_lora(served, tok, _rows(8, offset=20), [], tmp_path / "b", **kw)
+    assert list(served.peft_config) == ["a"] and served.active_adapter == "a"
+    assert not served.training
+    assert not any(p.requires_grad for p in served.parameters())  # as from_pretrained left it
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=probe["input_ids"]).logits, with_a)
+        # the new adapter is a plain peft folder that loads anywhere
+        assert (tmp_path / "b" / "adapter_config.json").is_file()
+        served.load_adapter(str(tmp_path / "b"), adapter_name="b")
+        served.set_adapter("b")
+        with_b = served(input_ids=probe["input_ids"]).logits
+        assert not torch.allclose(with_b, with_a, atol=1e-4)
+        fresh = PeftModel.from_pretrained(_load(tiny_llama_dir), tmp_path / "b").eval()
+        torch.testing.assert_close(fresh(input_ids=probe["input_ids"]).logits, with_b)

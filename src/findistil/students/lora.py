@@ -26,6 +26,7 @@ student can attach the saved adapter afresh (``PeftModel.from_pretrained``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,14 +217,66 @@ def _val_loss(model, examples, micro, pad_id, device, should_stop: StopFn) -> fl
     return total / max(1, tokens)
 
 
-def _detach_lora(peft_model, base, requires_grad: dict[str, bool], was_training: bool) -> None:
-    """Remove the LoRA layers and peft's bookkeeping so the base model is as we got it."""
-    peft_model.unload()
-    if hasattr(base, "peft_config"):
-        del base.peft_config
-    for name, param in base.named_parameters():
-        param.requires_grad_(requires_grad.get(name, param.requires_grad))
-    base.train(was_training)
+@contextlib.contextmanager
+def attached_lora(model, config) -> Iterator[tuple[Any, str]]:
+    """Attach a fresh trainable LoRA adapter for the duration of training, then remove it.
+
+    ``model`` is either a plain transformers model (peft wraps it and ``unload`` takes the
+    layers out again) or a ``PeftModel`` that already serves other adapters (the engine's
+    model once an adapter was loaded): then a temporary adapter is added beside them, made
+    the only trainable one, and deleted afterwards, the previously active adapter restored.
+    Either way the caller gets its model back as it was, including ``requires_grad`` flags
+    and train/eval mode. Yields ``(peft_model, adapter_name)``.
+    """
+    from peft import PeftModel, get_peft_model
+
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    if isinstance(model, PeftModel):
+        name = f"findistil_train_{uuid.uuid4().hex[:8]}"
+        previous = model.active_adapter
+        model.add_adapter(name, config)
+        model.set_adapter(name)
+        for pname, param in model.named_parameters():
+            param.requires_grad_(f".{name}." in pname)
+        try:
+            yield model, name
+        finally:
+            model.delete_adapter(name)
+            if previous in model.peft_config:
+                model.set_adapter(previous)
+            _restore(model, requires_grad, was_training)
+        return
+    if hasattr(model, "peft_config"):
+        raise TypeError("this model carries LoRA layers of a PeftModel: pass the PeftModel itself")
+    peft_model = get_peft_model(model, config)
+    try:
+        yield peft_model, "default"
+    finally:
+        peft_model.unload()
+        if hasattr(model, "peft_config"):
+            del model.peft_config  # else a later PeftModel.from_pretrained sees two adapters
+        _restore(model, requires_grad, was_training)
+
+
+def _restore(model, requires_grad: dict[str, bool], was_training: bool) -> None:
+    for name, param in model.named_parameters():
+        if name in requires_grad:
+            param.requires_grad_(requires_grad[name])
+    model.train(was_training)
+
+
+def _save_adapter(peft_model, name: str, base_model_id: str, out: Path) -> None:
+    """Write one adapter in plain peft layout (adapter_config.json at the folder's top)."""
+    peft_model.peft_config[name].base_model_name_or_path = base_model_id
+    staging = out / "_peft"
+    # no embedding check: it would look the base id up on the hub
+    peft_model.save_pretrained(staging, selected_adapters=[name], save_embedding_layers=False)
+    source = staging if name == "default" else staging / name
+    for item in source.iterdir():
+        if item.is_file():
+            item.rename(out / item.name)
+    shutil.rmtree(staging)
 
 
 def _install(tmp: Path, out_dir: Path) -> None:
@@ -253,7 +306,8 @@ def train_lora(
     """Train a LoRA adapter on ``model`` and save it to ``out_dir``.
 
     Args:
-        model: a loaded (non-peft) causal LM; it is returned to its original state.
+        model: a loaded causal LM, plain or a ``PeftModel`` serving other adapters; it is
+            returned to its original state (see ``attached_lora``).
         tokenizer: its tokenizer, with a chat template.
         train_rows, val_rows: upstream rows ``{"messages": [..., {"role": "assistant", ...}]}``.
         out_dir: the adapter folder to create (written only when training finished).
@@ -267,10 +321,7 @@ def train_lora(
         lora=LoraConfig(), base_model_id="HuggingFaceTB/SmolLM2-135M-Instruct")``.
     """
     from peft import LoraConfig as PeftLoraConfig
-    from peft import PeftModel, get_peft_model
 
-    if isinstance(model, PeftModel):
-        raise TypeError("train_lora needs the base model: pass peft_model.get_base_model()")
     if not train_rows:
         raise DataError("no training rows: curate a dataset with a non-empty training split")
     out_dir = Path(out_dir)
@@ -294,8 +345,6 @@ def train_lora(
 
     torch.manual_seed(training.seed)  # LoRA A init and dropout masks
     rng = random.Random(training.seed)
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training = model.training
     peft_cfg = PeftLoraConfig(
         r=lora.adapter_dim,
         lora_alpha=lora.alpha,
@@ -303,115 +352,113 @@ def train_lora(
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, peft_cfg)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=training.learning_rate, weight_decay=training.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
-        peft_model.train()
-        step = 0
-        history: list[dict[str, Any]] = []
-        started = time.perf_counter()
-        for epoch in range(training.epochs):
-            epoch_loss, epoch_tokens = 0.0, 0
-            for plan in plan_steps(train_ex, batch_size, micro, rng):
-                step_tokens = sum(train_ex[i].answer_tokens for mb in plan for i in mb)
-                step_loss = 0.0
-                for mb in plan:
-                    if should_stop():
-                        raise Cancelled(f"training cancelled at step {step} of {total_steps}")
-                    batch = _move(collate([train_ex[i] for i in mb], pad_id), device)
-                    loss = answer_loss_sum(peft_model, batch) / max(1, step_tokens)
-                    loss.backward()
-                    step_loss += float(loss.detach())
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                epoch_loss += step_loss * step_tokens
-                epoch_tokens += step_tokens
+    with attached_lora(model, peft_cfg) as (peft_model, adapter_name):
+        try:
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(
+                params, lr=training.learning_rate, weight_decay=training.weight_decay
+            )
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, _lr_lambda(total_steps, warmup)
+            )
+            peft_model.train()
+            step = 0
+            history: list[dict[str, Any]] = []
+            started = time.perf_counter()
+            for epoch in range(training.epochs):
+                epoch_loss, epoch_tokens = 0.0, 0
+                for plan in plan_steps(train_ex, batch_size, micro, rng):
+                    step_tokens = sum(train_ex[i].answer_tokens for mb in plan for i in mb)
+                    step_loss = 0.0
+                    for mb in plan:
+                        if should_stop():
+                            raise Cancelled(f"training cancelled at step {step} of {total_steps}")
+                        batch = _move(collate([train_ex[i] for i in mb], pad_id), device)
+                        loss = answer_loss_sum(peft_model, batch) / max(1, step_tokens)
+                        loss.backward()
+                        step_loss += float(loss.detach())
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    epoch_loss += step_loss * step_tokens
+                    epoch_tokens += step_tokens
+                    progress(
+                        Progress(
+                            "train",
+                            step,
+                            total_steps,
+                            {
+                                "epochs_completed": epoch,
+                                "steps_completed": step,
+                                "loss": round(step_loss, 5),
+                                "lr": scheduler.get_last_lr()[0],
+                            },
+                        )
+                    )
+                val = _val_loss(peft_model, val_ex, micro, pad_id, device, should_stop)
+                history.append(
+                    {
+                        "epoch": epoch + 1,
+                        "train_loss": epoch_loss / max(1, epoch_tokens),
+                        "val_loss": val,
+                    }
+                )
                 progress(
                     Progress(
                         "train",
                         step,
                         total_steps,
                         {
-                            "epochs_completed": epoch,
+                            "epochs_completed": epoch + 1,
                             "steps_completed": step,
-                            "loss": round(step_loss, 5),
-                            "lr": scheduler.get_last_lr()[0],
+                            "loss": history[-1]["train_loss"],
+                            "val_loss": val,
                         },
                     )
                 )
-            val = _val_loss(peft_model, val_ex, micro, pad_id, device, should_stop)
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": epoch_loss / max(1, epoch_tokens),
-                    "val_loss": val,
-                }
-            )
-            progress(
-                Progress(
-                    "train",
-                    step,
-                    total_steps,
-                    {
-                        "epochs_completed": epoch + 1,
-                        "steps_completed": step,
-                        "loss": history[-1]["train_loss"],
-                        "val_loss": val,
-                    },
-                )
-            )
-        seconds = time.perf_counter() - started
-        if should_stop():
-            raise Cancelled("training cancelled before the adapter was saved")
+            seconds = time.perf_counter() - started
+            if should_stop():
+                raise Cancelled("training cancelled before the adapter was saved")
 
-        metrics = {
-            "train_loss": history[-1]["train_loss"],
-            "val_loss": history[-1]["val_loss"],
-            "epochs": history,
-            "train_seconds": round(seconds, 3),
-            "examples_per_s": round(len(train_ex) * training.epochs / max(seconds, 1e-9), 3),
-            "train_rows": len(train_ex),
-            "val_rows": len(val_ex),
-            "mean_tokens_per_row": round(
-                sum(len(e.input_ids) for e in train_ex) / len(train_ex), 1
-            ),
-            "prompt_pruning": rule is not None,
-        }
-        peft_model.peft_config["default"].base_model_name_or_path = base_model_id
-        tmp.mkdir(parents=True)
-        # no embedding check: it would look the base id up on the hub
-        peft_model.save_pretrained(tmp, save_embedding_layers=False)
-        card = {
-            "format": CARD_FORMAT,
-            "kind": "lora",
-            "base_model": base_model_id,
-            "training_config": training.model_dump(mode="json"),
-            "lora_config": lora.model_dump(mode="json"),
-            "pruning_rule": rule.to_dict() if rule is not None else None,
-            "data": {
-                "train_rows": len(train_rows),
-                "val_rows": len(val_rows),
-                "sha256": data_hash(train_rows, val_rows),
-            },
-            "metrics": metrics,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": _versions(),
-        }
-        (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, ensure_ascii=False))
-        _install(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        _detach_lora(peft_model, model, requires_grad, was_training)
+            metrics = {
+                "train_loss": history[-1]["train_loss"],
+                "val_loss": history[-1]["val_loss"],
+                "epochs": history,
+                "train_seconds": round(seconds, 3),
+                "examples_per_s": round(len(train_ex) * training.epochs / max(seconds, 1e-9), 3),
+                "train_rows": len(train_ex),
+                "val_rows": len(val_ex),
+                "mean_tokens_per_row": round(
+                    sum(len(e.input_ids) for e in train_ex) / len(train_ex), 1
+                ),
+                "prompt_pruning": rule is not None,
+            }
+            tmp.mkdir(parents=True)
+            _save_adapter(peft_model, adapter_name, base_model_id, tmp)
+            card = {
+                "format": CARD_FORMAT,
+                "kind": "lora",
+                "base_model": base_model_id,
+                "training_config": training.model_dump(mode="json"),
+                "lora_config": lora.model_dump(mode="json"),
+                "pruning_rule": rule.to_dict() if rule is not None else None,
+                "data": {
+                    "train_rows": len(train_rows),
+                    "val_rows": len(val_rows),
+                    "sha256": data_hash(train_rows, val_rows),
+                },
+                "metrics": metrics,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "versions": _versions(),
+            }
+            (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, ensure_ascii=False))
+            _install(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return TrainResult(
         path=out_dir, epochs_completed=training.epochs, steps_completed=step, metrics=metrics
     )
