@@ -270,39 +270,9 @@ def build_icl_prompts(
 
 
 def _default_embedder(icl_config: ICLConfig, settings: Settings | None) -> Embedder:
-    from findistil.config import load_settings
+    """all-MiniLM-L6-v2 (or ``icl_config.embedding_model``) through the encoder student's
+    mean-pooled ``embed_texts``: one place loads encoders."""
+    from findistil.students.encoder import embed_texts
 
-    settings = settings or load_settings()
     model_id = icl_config.embedding_model
-    try:
-        from findistil.students.encoder import embed_texts
-    except ImportError:
-        return lambda texts: _embed_local(texts, settings, model_id)
-    return lambda texts: embed_texts(texts, settings)
-
-
-def _embed_local(texts: list[str], settings: Settings, model_id: str) -> np.ndarray:
-    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe)."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    from findistil.students.registry import resolve_model
-
-    path = resolve_model(model_id, settings)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), 64):
-            batch = tok(
-                texts[start : start + 64],
-                padding=True,
-                truncation=True,
-                max_length=256,
-                return_tensors="pt",
-            )
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 1), dtype=np.float32)
+    return lambda texts: embed_texts(texts, settings, model_id=model_id)
