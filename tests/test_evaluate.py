@@ -287,3 +287,34 @@ def test_tiny_random_llama_end_to_end(eval_rows, train_rows, tiny_llama_dir, tmp
     assert scored.scores["accuracy"] == pytest.approx(
         _expected_from_predictions(scored.predictions_path)["accuracy"]
     )
+
+
+def test_encoder_student_goes_through_the_same_path(eval_rows, train_rows, tiny_bert_dir, tmp_path):
+    from findistil.config import LoraConfig, TrainingConfig
+    from findistil.students import load_student
+
+    student = load_student(str(tiny_bert_dir))
+    assert student.kind == "encoder"
+    trained = student.train(
+        train_rows,
+        train_rows[:8],
+        tmp_path / "head",
+        training=TrainingConfig(epochs=1, batch_size=16, micro_batch_size=16),
+        lora=LoraConfig(),
+    )
+    student.use_tuned(trained.path)
+    result = evaluate(
+        student,
+        eval_rows,
+        "customized-eval",
+        out_dir=tmp_path / "ev",
+        eval_config=EvaluationConfig(),
+    )
+    answers = {r["messages"][-1]["content"] for r in train_rows}
+    lines = _lines(result.predictions_path)
+    assert len(lines) == len(eval_rows)
+    assert all(x["output"] in answers for x in lines)  # it answers with teacher answer strings
+    assert result.scores["unparseable_rate"] == 0.0
+    expected = _expected_from_predictions(result.predictions_path)
+    assert result.scores["accuracy"] == pytest.approx(expected["accuracy"])
+    assert result.scores["f1_score"] == pytest.approx(expected["f1_score"])
