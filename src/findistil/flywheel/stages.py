@@ -61,7 +61,7 @@ class StageContext:
     shutdown: threading.Event = field(default_factory=threading.Event)
     students: dict[int, Any] = field(default_factory=dict)
     _stop_cache: dict[str, tuple[float, bool]] = field(default_factory=dict)
-    _data_cache: dict[str, tuple] = field(default_factory=dict)
+    _data_cache: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def should_stop(self, job_id: str) -> bool:
@@ -88,19 +88,23 @@ class StageContext:
             raise Cancelled(f"job {job_id} was stopped")
 
     def datasets(self, job_id: str) -> tuple[list[dict], list[dict], list[dict]]:
-        """(eval, train, val) rows of the job, read once from its datasets folder."""
+        """(eval, train, val) rows of the job. The files are read once, but every call parses
+        fresh dicts, so a stage that mutates rows cannot leak into the next candidate."""
         with self._lock:
-            if job_id in self._data_cache:
-                return self._data_cache[job_id]
-        folder = datasets_dir(self.settings, job_id)
-        data = (
-            _read_jsonl(folder / "eval_data.jsonl"),
-            _read_jsonl(folder / "training" / "train_data.jsonl"),
-            _read_jsonl(folder / "validation" / "val_data.jsonl"),
-        )
-        with self._lock:
-            self._data_cache[job_id] = data
-        return data
+            texts = self._data_cache.get(job_id)
+        if texts is None:
+            folder = datasets_dir(self.settings, job_id)
+            texts = tuple(
+                path.read_text() if path.is_file() else ""
+                for path in (
+                    folder / "eval_data.jsonl",
+                    folder / "training" / "train_data.jsonl",
+                    folder / "validation" / "val_data.jsonl",
+                )
+            )
+            with self._lock:
+                self._data_cache[job_id] = texts
+        return tuple(_parse_jsonl(text) for text in texts)
 
     def forget(self, job_id: str) -> None:
         with self._lock:
@@ -108,10 +112,8 @@ class StageContext:
             self._data_cache.pop(job_id, None)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _parse_jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def datasets_dir(settings: Settings, job_id: str) -> Path:
