@@ -100,6 +100,9 @@ def run_candidate(ctx: stages.StageContext, job_id: str, candidate_id: int) -> s
                     break  # the rest of this branch needs what failed
     except Cancelled:
         status, error = "cancelled", stages.stop_reason(ctx)
+    except BaseException as exc:  # KeyboardInterrupt, a bug in a stage wrapper: still settle
+        status, error = "failed", stages.describe(exc)
+        raise
     finally:
         stages.release(ctx, job_id, candidate_id, status=status, error=error)
     return status
