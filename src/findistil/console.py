@@ -180,7 +180,8 @@ def _secs(value: Any) -> str:
 
 def jobs_table(jobs: list[dict]) -> Table:
     table = Table(title=f"{len(jobs)} job(s)")
-    for col in ("id", "workload", "client", "status", "started", "finished", "datasets", "error"):
+    table.add_column("id", no_wrap=True)  # ids are copied from here: never fold them
+    for col in ("workload", "client", "status", "started", "finished", "datasets", "error"):
         table.add_column(col, overflow="fold")
     for job in jobs:
         table.add_row(

@@ -367,6 +367,7 @@ def test_restart_fails_jobs_a_killed_server_left_running(database_url, write_con
         assert client.delete(f"/api/jobs/{job_id}").status_code == 200
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PG: see the lifecycle test
 def test_delete_removes_only_its_own_job(client, settings):
     first = _create(client)["id"]
     wait_job(client, first)
