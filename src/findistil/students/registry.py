@@ -172,7 +172,7 @@ def materialise(
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    progress(Progress(stage, 1, 1, {"model_dir": str(target)}))
+    progress(Progress(stage, 1, 1, {"step": "ready", "model_dir": str(target)}))
     return target
 
 
@@ -180,17 +180,16 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressFn = no_progr
     """Dequantise a GGUF causal LM into an fp32 HF folder (weights + tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    progress(Progress("convert", 0, 3, {"step": f"dequantising {gguf_path.name}"}))
+    progress(Progress("convert", 0, 2, {"step": f"dequantising {gguf_path.name}"}))
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    progress(Progress("convert", 1, 3, {"step": "saving"}))
+    progress(Progress("convert", 1, 2, {"step": "saving"}))
     # The loaded model remembers it came from GGUF; drop that so save/load is plain fp32.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    progress(Progress("convert", 2, 3, {"step": "saved"}))
 
 
 def _build_packaged(entry: PackagedModel, progress: ProgressFn) -> Callable[[Path], None]:
