@@ -341,7 +341,7 @@ def test_real_smollm2_converts_and_answers(findistil_home):
     student = load_student(SMOLLM2, settings=settings)
     assert (settings.models_dir / "HuggingFaceTB--SmolLM2-135M-Instruct" / "config.json").is_file()
     assert 130e6 < student.num_params < 140e6
-    convs = _convs(HEADLINES[:2])
+    convs = [taxonomy.build_messages(h) for h in HEADLINES[:2]]
     preds = student.predict(convs, max_new_tokens=12)
     assert all(p.text and 0 < p.completion_tokens <= 12 and p.prompt_tokens > 500 for p in preds)
     scored = student.predict(convs, mode="label_scores")
