@@ -204,42 +204,51 @@ def job_table(job: dict) -> Table:
         f"  records={job.get('num_records') or '—'}"
     )
     table = Table(title=title)
-    for col in ("candidate", "status", "stage", "progress", "runtime", "f1_score", "error"):
-        table.add_column(col, overflow="fold")
-    for ds in job.get("datasets") or []:
-        table.add_row(
-            "—", "—", f"dataset {ds['name']}", f"{ds.get('num_records')} rows", "", "", ""
-        )
+    table.add_column("candidate / stage", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for col in ("done", "runtime", "f1"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("error", overflow="fold")
     for nim in job.get("nims") or []:
-        name = short_name(nim["model_name"])
-        status = f"{_status(nim['status'])} ({nim.get('deployment_status') or '—'})"
         table.add_row(
-            name, status, "all", "", _secs(nim.get("runtime_seconds")), "", nim.get("error") or ""
+            f"[bold]{short_name(nim['model_name'])}[/bold]",
+            _status(nim["status"]),
+            nim.get("deployment_status") or "",
+            _secs(nim.get("runtime_seconds")),
+            "",
+            nim.get("error") or "",
         )
         for ev in nim.get("evaluations") or []:
-            f1 = (ev.get("scores") or {}).get("f1_score")
             table.add_row(
-                "",
-                "",
-                ev["eval_type"],
+                f"  {ev['eval_type']}",
+                _status(ev.get("status")),
                 f"{ev.get('progress') or 0:.0f}%",
                 _secs(ev.get("runtime_seconds")),
-                _num(f1),
+                _num((ev.get("scores") or {}).get("f1_score")),
                 ev.get("error") or "",
             )
         for cust in nim.get("customizations") or []:
             table.add_row(
-                "",
-                "",
-                f"customization (epochs {cust.get('epochs_completed') or 0})",
+                f"  customization ({cust.get('epochs_completed') or 0} ep)",
+                _status(cust.get("status")),
                 f"{cust.get('progress') or 0:.0f}%",
                 _secs(cust.get("runtime_seconds")),
                 "",
                 cust.get("error") or "",
             )
-    if job.get("error"):
-        table.caption = f"error: {job['error']}"
+    sets = ", ".join(
+        f"{_set_kind(d['name'])} {d.get('num_records')}" for d in job.get("datasets") or []
+    )
+    table.caption = f"datasets: {sets or '—'}" + (
+        f"\nerror: {job['error']}" if job.get("error") else ""
+    )
     return table
+
+
+def _set_kind(name: str) -> str:
+    """``flywheel-train-news_classifier-<id>`` -> ``train`` (upstream's dataset names)."""
+    parts = name.split("-")
+    return parts[1] if len(parts) > 2 and parts[0] == "flywheel" else name
 
 
 # -- results of a finished job ------------------------------------------------------------
@@ -419,6 +428,19 @@ def demo_settings(
     return settings
 
 
+def _quiet_third_party_bars() -> None:
+    """transformers/hub tqdm bars would interleave with our own rich bars on stderr."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def run_demo(
     settings: Any,
     *,
@@ -436,6 +458,7 @@ def run_demo(
     from findistil.api.app import BackgroundServer, create_app
     from findistil.logstore import open_logstore
 
+    _quiet_third_party_bars()
     timings: list[tuple[str, float]] = []
     t0 = time.perf_counter()
     with open_logstore(settings) as store:
