@@ -15,6 +15,7 @@ from findistil.config import LoraConfig, TrainingConfig
 from findistil.errors import Cancelled, DataError
 from findistil.students.lora import (
     CARD_NAME,
+    answer_loss_sum,
     collate,
     encode_rows,
     plan_steps,
@@ -82,6 +83,20 @@ def test_loss_is_on_the_answer_only_and_prompts_are_pruned(llama):
     assert taxonomy.INSTRUCTIONS[:40] not in text
     # pruning is what makes CPU training feasible: many times fewer tokens
     assert sum(len(e.input_ids) for e in full) > 5 * sum(len(e.input_ids) for e in pruned)
+
+
+def test_answer_only_head_gives_the_full_logits_loss(llama):
+    model, tok = llama
+    batch = collate(encode_rows(tok, _rows(5), None, 2048, "x"), tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)),
+            batch["labels"][:, 1:].reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        torch.testing.assert_close(answer_loss_sum(model, batch), expected)
 
 
 def test_steps_are_length_grouped_and_cover_every_row_once(llama):
@@ -180,7 +195,7 @@ def test_cancel_stops_within_one_micro_batch_and_leaves_nothing(llama, tmp_path)
         if len(forwards) == 3:
             stop["now"] = True
 
-    handle = model.register_forward_hook(on_forward)
+    handle = model.get_decoder().register_forward_hook(on_forward)
     with pytest.raises(Cancelled):
         train_lora(
             model,

@@ -35,7 +35,10 @@ def test_taxonomy_prompt_prunes_to_the_headline():
     assert rule.suffix.startswith("\n" + taxonomy.HEADLINE_CLOSE)
     assert rule.rows == len(HEADLINES)
     for conv, headline in zip(convs, HEADLINES, strict=True):
-        assert rule.apply(conv) == [{"role": "user", "content": headline}]
+        assert rule.apply(conv) == [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": headline},
+        ]
     # an unseen headline of the same workload is pruned too (the serving path)
     new = taxonomy.build_messages("Tamsin Utilities Raises Quarterly Dividend")
     assert rule.apply(new)[-1]["content"] == "Tamsin Utilities Raises Quarterly Dividend"
@@ -50,6 +53,7 @@ def test_variable_part_in_the_middle_keeps_the_answer_message():
     assert rule.suffix == "\nPlease answer in one word.\nThanks"
     out = rule.apply(convs[1])
     assert out == [
+        {"role": "system", "content": ""},
         {"role": "user", "content": "Item: green pear"},
         {"role": "assistant", "content": "[[x]]"},
     ]
@@ -88,7 +92,10 @@ def test_shared_system_only_drops_the_system_message():
     rule = PruningRule.detect(convs)
     assert (rule.prefix, rule.suffix, rule.system) == ("", "", "Be brief.")
     assert not rule.is_identity
-    assert rule.apply(convs[0])[0] == {"role": "user", "content": "alpha beta"}
+    assert rule.apply(convs[0])[:2] == [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "alpha beta"},
+    ]
 
 
 def test_too_few_distinct_rows_or_missing_system_in_some_rows():
@@ -137,8 +144,8 @@ def test_upstream_rows_prune_to_the_bare_headline(benchmark_dir):
 
     compact = [rule.apply(c) for c in convs]
     for full, small in zip(convs, compact, strict=True):
-        assert len(small) == 1 and small[0]["role"] == "user"
-        headline = small[0]["content"]
+        assert [m["role"] for m in small] == ["system", "user"] and not small[0]["content"]
+        headline = small[1]["content"]
         assert headline and "\n" not in headline and len(headline) < 400
         # the headline is a whole line of the original prompt, nothing cut off
         assert headline in [line.strip() for line in full[-1]["content"].splitlines()]
@@ -146,7 +153,7 @@ def test_upstream_rows_prune_to_the_bare_headline(benchmark_dir):
     # the headlines shared with the people-labelled file come out exactly as written there
     with (benchmark_dir / "gold_human.csv").open(newline="") as fh:
         gold = {row["headline"].strip() for row in csv.DictReader(fh)}
-    shared = [c[0]["content"] for c in compact if c[0]["content"] in gold]
+    shared = [c[1]["content"] for c in compact if c[1]["content"] in gold]
     assert len(shared) >= 3
 
     # a rule detected on a handful of rows generalises to the other rows
