@@ -136,3 +136,17 @@ def test_embeddings_are_normalised_and_stable(student, tiny_bert_dir):
     via_registry = embed_texts(texts, load_settings(), model_id=str(tiny_bert_dir))
     np.testing.assert_allclose(via_registry, emb, atol=1e-5)
     assert embed_texts([], load_settings(), model_id=str(tiny_bert_dir)).shape == (0, 32)
+
+
+def test_without_pruning_it_reads_the_end_of_the_full_prompt(student, tmp_path):
+    rows = _rows(16)
+    training = TRAINING.model_copy(update={"epochs": 1, "prompt_pruning": False})
+    result = student.train(rows, [], tmp_path / "enc", training=training)
+    assert read_card(result.path)["pruning_rule"] is None
+    request = rows[0]["messages"][:-1]
+    assert student.input_text(request) == request[-1]["content"]
+    ids = student._encode([student.input_text(request)])[0]
+    assert len(ids) == student.max_length  # truncated from the left ...
+    kept = student.tokenizer.decode(ids)  # ... so the end of the prompt is kept
+    assert "square brackets" in kept and "read the headline" not in kept
+    assert student.predict([request])[0].text in read_card(result.path)["labels"]

@@ -8,10 +8,13 @@ training (or ``use_tuned``) ``predict`` raises, and the orchestrator skips base/
 
 What it reads: the variable part of the last user message (a ``PruningRule`` detected on the
 training rows), i.e. the headline rather than 1k tokens of instructions MiniLM could not even
-fit in its 512 positions. This is done whatever ``training.prompt_pruning`` says, since the
-encoder cannot work on the full prompt. Classes are the distinct teacher answers; when every
-answer parses as a taxonomy label, spellings of one class (``[[[[no event]]]]``,
-``[[other]]``) are merged and the class answers with its most frequent spelling.
+fit in its 512 positions. With ``training.prompt_pruning`` off it reads the whole message,
+keeping its last 512 tokens (the headline sits near the end of the financial prompt), which
+is slower and there only to measure what pruning buys (``bench/students.py``).
+
+Classes are the distinct teacher answers; when every answer parses as a taxonomy label,
+spellings of one class (``[[[[no event]]]]``, ``[[other]]``) are merged and the class answers
+with its most frequent spelling.
 
 Also here: ``embed_texts(texts, settings)`` — mean-pooled, L2-normalised MiniLM embeddings,
 used by ``icl.py`` for similarity-based few-shot selection.
@@ -105,6 +108,7 @@ class EncoderStudent(Student):
         self.settings = settings
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(self.weights_dir)
+        self.tokenizer.truncation_side = "left"  # long prompts end with the part that varies
         self._encoder = AutoModel.from_pretrained(self.weights_dir).to(device).eval()
         self.num_params, self.dtype = describe_model(self._encoder)
         self.max_length = min(
@@ -171,7 +175,11 @@ class EncoderStudent(Student):
         out_dir = Path(out_dir)
         train_split = [split_row(r, i, "train") for i, r in enumerate(train_rows)]
         val_split = [split_row(r, i, "validation") for i, r in enumerate(val_rows)]
-        rule = PruningRule.detect([p for p, _ in train_split])
+        rule = (
+            PruningRule.detect([p for p, _ in train_split])
+            if training.prompt_pruning
+            else PruningRule.identity()
+        )
         answers = [a["content"] for _, a in train_split]
         keys_of, merged = class_keys(answers)
         spellings: dict[str, Counter] = {}
