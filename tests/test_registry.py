@@ -130,10 +130,21 @@ def test_conversion_reports_progress(tmp_path):
 
 
 def test_pick_device_cpu_uses_every_core(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     torch.set_num_threads(1)
     device = pick_device(load_settings(device="cpu"))
     assert device == "cpu"
     assert torch.get_num_threads() == (__import__("os").cpu_count() or 1)
+
+
+def test_pick_device_honours_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    try:
+        assert pick_device(load_settings(device="cpu")) == "cpu"
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_pick_device_refuses_cuda_without_gpu():

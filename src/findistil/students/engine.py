@@ -153,7 +153,7 @@ class Engine:
         *,
         prefix_reuse: bool = True,
         min_prefix_tokens: int = 16,
-        max_batch_tokens: int = 16384,
+        max_batch_tokens: int = 24576,
     ):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer

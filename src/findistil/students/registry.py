@@ -283,7 +283,11 @@ def _not_available_message(model_id: str, entry: PackagedModel | None) -> str:
 
 
 def pick_device(settings: Settings | None = None) -> str:
-    """``cuda`` when available (or asked for), else ``cpu`` using every core."""
+    """``cuda`` when available (or asked for), else ``cpu`` using every core.
+
+    ``OMP_NUM_THREADS``, when set, wins over the core count: on a CPU shared with other busy
+    processes one thread decodes several times faster than two (thread hand-offs stall).
+    """
     import torch
 
     wanted = settings.device if settings is not None else "auto"
@@ -291,7 +295,10 @@ def pick_device(settings: Settings | None = None) -> str:
         raise ConfigError("device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto'")
     if wanted in {"auto", "cuda"} and torch.cuda.is_available():
         return "cuda"
-    torch.set_num_threads(os.cpu_count() or 1)
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(
+        int(threads) if threads.isdigit() and int(threads) > 0 else (os.cpu_count() or 1)
+    )
     return "cpu"
 
 
