@@ -321,7 +321,7 @@ def jobs_delete(job_id: str, api_url: ApiUrlOption = console_mod.DEFAULT_API_URL
 @app.command()
 def demo(
     config: ConfigOption = None,
-    records: Annotated[int, typer.Option(help="demo records to load")] = 800,
+    records: Annotated[int, typer.Option(help="demo records to load")] = 600,
     candidates: Annotated[
         list[str] | None,
         typer.Option("--candidates", help="model ids (repeat or comma-separate); default: nims"),
