@@ -256,54 +256,9 @@ def _set_kind(name: str) -> str:
 _EVAL_ORDER = {"base-eval": 0, "icl-eval": 1, "customized-eval": 2}
 
 
-def _cost_per_1k(nim: dict, scores: dict | None = None) -> float | None:
+def _cost_per_1k(nim: dict) -> float | None:
     """Seconds of compute to answer 1,000 rows with this candidate (its measured speed)."""
-    if nim.get("s_per_row"):
-        return 1000.0 * float(nim["s_per_row"])
-    rate = nim.get("rows_per_s") or (scores or {}).get("rows_per_s")
-    return 1000.0 / float(rate) if rate else None
-
-
-def _best_eval(nim: dict) -> dict | None:
-    """The candidate's deliverable: its customized eval when it has one, else its best."""
-    done = [
-        ev
-        for ev in nim.get("evaluations") or []
-        if (ev.get("scores") or {}) and not ev.get("error")
-    ]
-    custom = [ev for ev in done if ev["eval_type"] == "customized-eval"]
-    pool = custom or done
-    return max(pool, key=lambda ev: ev["scores"].get("macro_f1") or 0.0) if pool else None
-
-
-def recommend(job: dict, tolerance: float = 0.02) -> dict | None:
-    """Cheapest candidate within ``tolerance`` macro-F1 of the best (the job service's rule).
-
-    Used when the job detail carries no ``recommendation`` of its own.
-    """
-    rows = []
-    for nim in job.get("nims") or []:
-        ev = _best_eval(nim)
-        if ev is None or ev["scores"].get("macro_f1") is None:
-            continue
-        rows.append((nim, ev, float(ev["scores"]["macro_f1"]), _cost_per_1k(nim, ev["scores"])))
-    if not rows:
-        return None
-    best = max(f1 for _, _, f1, _ in rows)
-    close = [r for r in rows if r[2] >= best - tolerance]
-    nim, ev, f1, cost = min(
-        close, key=lambda r: (r[3] if r[3] is not None else float("inf"), -r[2])
-    )
-    return {
-        "model_name": nim["model_name"],
-        "eval_type": ev["eval_type"],
-        "macro_f1": f1,
-        "cost_per_1k_rows_s": cost,
-        "reason": (
-            f"cheapest candidate within {tolerance:.2f} macro-F1 of the best ({best:.3f}); "
-            f"its macro-F1 is {f1:.3f}"
-        ),
-    }
+    return nim.get("cost_per_1k_rows_s")
 
 
 def results_table(job: dict) -> Table:
@@ -350,20 +305,20 @@ def results_table(job: dict) -> Table:
     return table
 
 
-def recommendation_lines(job: dict, tolerance: float = 0.02) -> list[str]:
-    """The recommendation and every candidate's cost per 1k rows relative to it."""
-    rec = job.get("recommendation") or recommend(job, tolerance)
+def recommendation_lines(job: dict) -> list[str]:
+    """The job's recommendation (computed by the job service) and every candidate's cost."""
+    rec = job.get("recommendation")
     if not rec:
         return ["no recommendation: no candidate finished an evaluation"]
-    lines = [f"recommended: [bold]{short_name(rec['model_name'])}[/bold] — {rec.get('reason', '')}"]
-    chosen = next((n for n in job.get("nims") or [] if n["model_name"] == rec["model_name"]), None)
-    chosen_cost = _cost_per_1k(chosen, (_best_eval(chosen) or {}).get("scores")) if chosen else None
+    lines = [f"recommended: [bold]{short_name(rec['model_name'])}[/bold] — {rec['reason']}"]
+    relative = rec.get("relative_cost") or {}
     for nim in job.get("nims") or []:
-        cost = _cost_per_1k(nim, (_best_eval(nim) or {}).get("scores"))
+        cost = _cost_per_1k(nim)
         if cost is None:
             continue
-        rel = f" ({cost / chosen_cost:.2f}× the recommended)" if chosen_cost else ""
-        lines.append(f"  {short_name(nim['model_name'])}: {cost:.1f} s per 1k rows{rel}")
+        rel = relative.get(nim["model_name"])
+        rel_text = f" ({rel:.2f}× the recommended)" if rel else ""
+        lines.append(f"  {short_name(nim['model_name'])}: {cost:.1f} s per 1k rows{rel_text}")
     return lines
 
 
@@ -484,7 +439,7 @@ def run_demo(
         finally:
             client.close()
     out.print(results_table(job))
-    for line in recommendation_lines(job, settings.recommendation_tolerance):
+    for line in recommendation_lines(job):
         out.print(line)
     table = stage_timings(job)
     for name, seconds in timings:

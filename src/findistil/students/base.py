@@ -9,6 +9,7 @@ outside kind would.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,12 @@ from typing import Any, ClassVar, Literal
 
 from findistil.config import LoraConfig, TrainingConfig
 from findistil.progress import ProgressFn, StopFn, never_stop, no_progress
+
+# transformers/accelerate build models under context managers that patch torch globally
+# (``init_empty_weights`` swaps ``nn.Module.register_parameter``); two threads loading at
+# once can leave the patch installed, after which every later load gets meta tensors.
+# Every load in findistil (runner threads, parallel candidates) holds this lock.
+MODEL_LOAD_LOCK = threading.RLock()
 
 Conversation = list[dict[str, Any]]  # OpenAI chat messages: [{"role": ..., "content": ...}]
 PredictMode = Literal["generate", "label_scores"]

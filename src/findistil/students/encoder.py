@@ -42,7 +42,14 @@ from findistil import taxonomy
 from findistil.config import MINILM, LoraConfig, Settings, TrainingConfig
 from findistil.errors import Cancelled, DataError, FindistilError
 from findistil.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
-from findistil.students.base import Conversation, Prediction, PredictMode, Student, TrainResult
+from findistil.students.base import (
+    MODEL_LOAD_LOCK,
+    Conversation,
+    Prediction,
+    PredictMode,
+    Student,
+    TrainResult,
+)
 from findistil.students.lora import (
     CARD_FORMAT,
     CARD_NAME,
@@ -107,9 +114,10 @@ class EncoderStudent(Student):
         self.weights_dir = Path(weights_dir)
         self.settings = settings
         self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(self.weights_dir)
-        self.tokenizer.truncation_side = "left"  # long prompts end with the part that varies
-        self._encoder = AutoModel.from_pretrained(self.weights_dir).to(device).eval()
+        with MODEL_LOAD_LOCK:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.weights_dir)
+            self.tokenizer.truncation_side = "left"  # long prompts end with the part that varies
+            self._encoder = AutoModel.from_pretrained(self.weights_dir).to(device).eval()
         self.num_params, self.dtype = describe_model(self._encoder)
         self.max_length = min(
             MAX_POSITIONS, getattr(self._encoder.config, "max_position_embeddings", MAX_POSITIONS)
@@ -204,12 +212,13 @@ class EncoderStudent(Student):
 
         torch.manual_seed(training.seed)
         rng = random.Random(training.seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            self.weights_dir,
-            num_labels=len(keys),
-            id2label=dict(enumerate(texts_of)),
-            label2id={t: i for i, t in enumerate(texts_of)},
-        ).to(self.device)
+        with MODEL_LOAD_LOCK:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                self.weights_dir,
+                num_labels=len(keys),
+                id2label=dict(enumerate(texts_of)),
+                label2id={t: i for i, t in enumerate(texts_of)},
+            ).to(self.device)
         batch_size = min(training.batch_size, len(train_ex))
         micro = min(training.micro_batch_size, batch_size)
         total_steps = math.ceil(len(train_ex) / batch_size) * training.epochs
@@ -346,7 +355,8 @@ class EncoderStudent(Student):
                 f"{path} is not a trained encoder folder (no encoder {CARD_NAME}): pass the "
                 "folder EncoderStudent.train wrote"
             )
-        model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device)
+        with MODEL_LOAD_LOCK:
+            model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device)
         self._set_tuned(model, card, path)
 
     # ---------------------------------------------------------------------- inference
@@ -466,7 +476,7 @@ def embed_texts(
 
     settings = settings or load_settings()
     path = resolve_model(model_id, settings)
-    with _EMBEDDERS_LOCK:
+    with _EMBEDDERS_LOCK, MODEL_LOAD_LOCK:
         if str(path) not in _EMBEDDERS:
             device = pick_device(settings)
             model = AutoModel.from_pretrained(path).to(device).eval()

@@ -48,6 +48,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from findistil.errors import Cancelled, ConfigError
 from findistil.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
+from findistil.students.base import MODEL_LOAD_LOCK
 
 Conversation = list[dict[str, Any]]
 _ACTIVE: Any = object()  # "whatever adapter is active": the default of ``adapter=``
@@ -180,8 +181,9 @@ class Engine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return cls(model, AutoTokenizer.from_pretrained(path), device, **kwargs)
+        with MODEL_LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            return cls(model, AutoTokenizer.from_pretrained(path), device, **kwargs)
 
     def _stop_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -225,12 +227,13 @@ class Engine:
         name = name or Path(path).name
         if not (Path(path) / "adapter_config.json").is_file():
             raise ConfigError(f"adapter folder {path} has no adapter_config.json")
-        if isinstance(self.model, PeftModel):
-            if name in self.adapters:
-                self.model.delete_adapter(name)
-            self.model.load_adapter(str(path), adapter_name=name)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+        with MODEL_LOAD_LOCK:
+            if isinstance(self.model, PeftModel):
+                if name in self.adapters:
+                    self.model.delete_adapter(name)
+                self.model.load_adapter(str(path), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
         self.model.eval()
         self.adapters[name] = str(path)
         self._memo = None

@@ -44,7 +44,7 @@ import torch
 from findistil.config import LoraConfig, TrainingConfig
 from findistil.errors import Cancelled, DataError
 from findistil.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
-from findistil.students.base import TrainResult
+from findistil.students.base import MODEL_LOAD_LOCK, TrainResult
 from findistil.students.pruning import PruningRule
 
 CARD_NAME = "adapter_card.json"
@@ -252,7 +252,8 @@ def attached_lora(model, config) -> Iterator[tuple[Any, str]]:
     if isinstance(model, PeftModel):
         name = f"findistil_train_{uuid.uuid4().hex[:8]}"
         previous = model.active_adapter
-        model.add_adapter(name, config)
+        with MODEL_LOAD_LOCK:
+            model.add_adapter(name, config)
         model.set_adapter(name)
         for pname, param in model.named_parameters():
             param.requires_grad_(f".{name}." in pname)
@@ -266,7 +267,8 @@ def attached_lora(model, config) -> Iterator[tuple[Any, str]]:
         return
     if hasattr(model, "peft_config"):
         raise TypeError("this model carries LoRA layers of a PeftModel: pass the PeftModel itself")
-    peft_model = get_peft_model(model, config)
+    with MODEL_LOAD_LOCK:
+        peft_model = get_peft_model(model, config)
     try:
         yield peft_model, "default"
     finally:

@@ -41,6 +41,7 @@ from pathlib import Path
 from findistil.config import MINILM, SMOLLM2, Settings
 from findistil.errors import ConfigError, ModelNotAvailable
 from findistil.progress import Progress, ProgressFn, no_progress
+from findistil.students.base import MODEL_LOAD_LOCK
 
 GEMMA3 = "google/gemma-3-270m"
 
@@ -181,8 +182,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: ProgressFn = no_progr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     progress(Progress("convert", 0, 2, {"step": f"dequantising {gguf_path.name}"}))
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    with MODEL_LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     progress(Progress("convert", 1, 2, {"step": "saving"}))
     # The loaded model remembers it came from GGUF; drop that so save/load is plain fp32.
     model.hf_quantizer = None
