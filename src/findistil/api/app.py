@@ -140,6 +140,9 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     app.add_exception_handler(FindistilError, _findistil_error)
     app.include_router(jobs_router)
+    from findistil.api.openai import router as openai_router  # OpenAI-compatible serving
+
+    app.include_router(openai_router)
 
     @app.get("/health", response_model=HealthResponse, tags=["health"])
     def health(db: DBDep, runner: RunnerDep) -> JSONResponse:

@@ -1,0 +1,111 @@
+"""OpenAI-compatible routes that serve the flywheel's students: ``/v1/models`` and
+``/v1/chat/completions``.
+
+Any OpenAI client can point its base URL at ``findistil serve`` and call the tuned student
+by the ``customized_model`` name a job reports. Errors use OpenAI's shape
+(``{"error": {"message", "type", "code"}}``) so those clients show them; a malformed body
+is FastAPI's 422. The model work lives in ``findistil.serving``; generation runs in a
+threadpool so the event loop keeps answering ``/api/jobs`` meanwhile.
+
+Decoding is always greedy: ``temperature``/``top_p`` are accepted (clients send them by
+default) and ignored. ``n`` must be 1 and ``stream`` false.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from findistil.api.deps import DBDep, SettingsDep
+from findistil.errors import FindistilError
+from findistil.serving import StudentCache, chat_completion, find_model, flatten_content
+from findistil.serving import served_models as list_served
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+DEFAULT_MAX_TOKENS = 64
+MAX_TOKENS_LIMIT = 1024  # a classifier answers in ~6 tokens; this bounds a CPU-minute request
+_CACHE_LOCK = threading.Lock()
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat body; fields it has and we do not use are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0, le=2)  # ignored: always greedy
+    n: int = 1
+    stream: bool = False
+
+
+def openai_error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status)
+
+
+def _cache(request: Request, settings) -> StudentCache:
+    # Created on first use and kept on app.state for the app's lifetime.
+    state = request.app.state
+    with _CACHE_LOCK:
+        cache = getattr(state, "student_cache", None)
+        if cache is None:
+            cache = state.student_cache = StudentCache(settings)
+    return cache
+
+
+@router.get("/models")
+def list_models(db: DBDep) -> dict:
+    """The tuned students of completed jobs (newest first) and the bases they were tuned from."""
+    return {"object": "list", "data": [m.as_openai() for m in list_served(db)]}
+
+
+@router.get("/models/{model_id:path}", response_model=None)
+def get_model(model_id: str, db: DBDep) -> dict | JSONResponse:
+    try:
+        return find_model(db, model_id).as_openai()
+    except FindistilError as exc:
+        return openai_error(exc.http_status, str(exc), "invalid_request_error", "model_not_found")
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatRequest, request: Request, db: DBDep, settings: SettingsDep
+) -> dict | JSONResponse:
+    """Answer the conversation with the named student (greedy decoding)."""
+    if body.stream:
+        return openai_error(
+            400, "stream=true is not supported: send stream=false", "invalid_request_error"
+        )
+    if body.n != 1:
+        return openai_error(400, f"n={body.n} is not supported: send n=1", "invalid_request_error")
+    try:
+        model = await run_in_threadpool(find_model, db, body.model)
+    except FindistilError as exc:
+        return openai_error(exc.http_status, str(exc), "invalid_request_error", "model_not_found")
+    conversation = [{"role": m.role, "content": flatten_content(m.content)} for m in body.messages]
+    budget = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+    cache = _cache(request, settings)
+    try:
+        prediction = await run_in_threadpool(
+            cache.predict, model, conversation, max_new_tokens=budget
+        )
+    except FindistilError as exc:  # weights gone, adapter unreadable, ...
+        return openai_error(exc.http_status, str(exc), "invalid_request_error", "model_error")
+    request_id = "chatcmpl-" + secrets.token_hex(12)
+    return chat_completion(model, prediction, max_new_tokens=budget, request_id=request_id)
