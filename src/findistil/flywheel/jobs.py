@@ -356,7 +356,7 @@ def recommend(nims: list[dict], tolerance: float) -> dict | None:
         other["model_name"]: round(s / s_per_row, 3) for other, _, _, s in scored if s and s_per_row
     }
     cost_1k = s_per_row * 1000 if s_per_row else None
-    others = [f"{m} {r:.1f}x" for m, r in relative.items() if m != nim["model_name"]]
+    others = [f"{m} {r:.2g}x" for m, r in relative.items() if m != nim["model_name"]]
     reason = (
         f"cheapest candidate within {tolerance:g} macro-F1 of the best "
         f"({best_nim['model_name']} {best_eval['eval_type']}: {best_f1:.3f}); "

@@ -44,6 +44,12 @@ class JobFailed(FindistilError):
     """A job-level stage (datasets, ...) failed; the message becomes the job's error."""
 
 
+def customized_name(model_name: str, job_id: str, customization_id: int) -> str:
+    """Upstream's name of a tuned model: ``{namespace}/customized-{model, / -> -}@cust-{id}``."""
+    base = Path(model_name).name if Path(model_name).is_dir() else model_name.replace("/", "-")
+    return f"findistil/customized-{base}@cust-{job_id}-{customization_id}"
+
+
 def describe(exc: BaseException) -> str:
     """An error message for the API: ours as they are, anything else with its type."""
     if isinstance(exc, FindistilError):
@@ -462,7 +468,7 @@ def customization(ctx: StageContext, job_id: str, candidate_id: int) -> Path:
         epochs_completed=result.epochs_completed,
         steps_completed=result.steps_completed,
         adapter_path=str(path),
-        customized_model=f"{nim.model_name}@{path.name}-{job_id}",
+        customized_model=customized_name(nim.model_name, job_id, row_id),
         nmp_uri=path.resolve().as_uri(),
         metrics=metrics,
         finished_at=utcnow(),

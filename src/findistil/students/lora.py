@@ -34,6 +34,7 @@ import random
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,10 @@ from findistil.errors import Cancelled, DataError
 from findistil.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
 from findistil.students.base import MODEL_LOAD_LOCK, TrainResult
 from findistil.students.pruning import PruningRule
+
+# peft 0.21 still calls transformers' deprecated ``is_gradient_checkpointing``; the warning is
+# theirs to fix and only clutters the CLI output.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 CARD_NAME = "adapter_card.json"
 CARD_FORMAT = "findistil-adapter/1"
