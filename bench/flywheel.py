@@ -12,7 +12,7 @@ upstream's 5K/10K/25K runs) one flywheel job over the real API with the default 
   eval headlines: s/headline, params, agreement with the teacher labels, and the cost ratio.
 
 Run: ``python bench/flywheel.py --quick`` (1,000 only) or ``--sizes 1000,3000,9043``.
-Writes ``bench/results/flywheel-<date>.json``, prints a markdown table and ends stdout with
+Writes ``bench/results/flywheel-<date>-<sizes>.json``, prints a markdown table and ends stdout with
 one JSON line.
 """
 
@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb": peak_rss_mb(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
     }
-    out = REPO / "bench" / "results" / f"flywheel-{result['date']}.json"
+    tag = "-".join(str(n) for n in sizes)
+    out = REPO / "bench" / "results" / f"flywheel-{result['date']}-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwrote {out.relative_to(REPO)}; total {result['total_wall_s']:.0f}s")
