@@ -397,28 +397,46 @@ class Engine:
         reuse = self.prefix_reuse if prefix_reuse is None else prefix_reuse
         results: list[Generation | None] = [None] * len(prompts)
         with self._using(adapter) as key:
-            start = time.perf_counter()
-            shared, shared_len = self._plan_prefix(list(prompts), key, reuse)
-            overhead = (time.perf_counter() - start) / max(1, len(prompts))
-            batches = self._batches([len(p) for p in prompts], max_new_tokens, batch_size)
-            done = 0
-            for batch in batches:
-                if should_stop():
-                    raise Cancelled("generation cancelled")
-                t0 = time.perf_counter()
-                rows = [prompts[i] for i in batch]
-                prefix, plen = (shared, shared_len)
-                if prefix is None:
-                    prefix, plen = self._plan_prefix(rows, key, reuse)
-                outs = self._generate_batch(rows, prefix, plen, max_new_tokens)
-                share = (time.perf_counter() - t0) / len(batch) + overhead
+
+            def run(rows, prefix, plen):
+                return self._generate_batch(rows, prefix, plen, max_new_tokens)
+
+            for batch, outs, share in self._run_batches(
+                prompts,
+                key,
+                reuse,
+                max_new_tokens,
+                batch_size,
+                run,
+                "generate",
+                progress,
+                should_stop,
+            ):
                 for i, ids in zip(batch, outs, strict=True):
                     text_ids = [t for t in ids if t not in self.stop_ids]
                     text = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
                     results[i] = Generation(text, ids, len(prompts[i]), len(ids), share)
-                done += len(batch)
-                progress(Progress("generate", done, len(prompts)))
         return results  # type: ignore[return-value]
+
+    def _run_batches(self, prompts, key, reuse, extra, batch_size, run, stage, progress, stop):
+        """The loop generate and label scoring share: plan the shared prefix once, then run
+        length-grouped batches; yields (row indices, outputs, seconds per row)."""
+        start = time.perf_counter()
+        shared, shared_len = self._plan_prefix(list(prompts), key, reuse)
+        overhead = (time.perf_counter() - start) / max(1, len(prompts))
+        done = 0
+        for batch in self._batches([len(p) for p in prompts], extra, batch_size):
+            if stop():
+                raise Cancelled(f"{stage} cancelled")
+            t0 = time.perf_counter()
+            rows = [prompts[i] for i in batch]
+            prefix, plen = (shared, shared_len)
+            if prefix is None:
+                prefix, plen = self._plan_prefix(rows, key, reuse)
+            outs = run(rows, prefix, plen)
+            yield batch, outs, (time.perf_counter() - t0) / len(batch) + overhead
+            done += len(batch)
+            progress(Progress(stage, done, len(prompts)))
 
     def _generate_batch(
         self, rows: list[list[int]], prefix: _Prefix | None, plen: int, max_new: int
@@ -502,26 +520,17 @@ class Engine:
         extra = len(tree.tokens)
         results: list[LabelRanking | None] = [None] * len(prompts)
         with self._using(adapter) as key:
-            start = time.perf_counter()
-            shared, shared_len = self._plan_prefix(prompts, key, reuse)
-            overhead = (time.perf_counter() - start) / max(1, len(prompts))
-            done = 0
-            for batch in self._batches([len(p) for p in prompts], extra, batch_size):
-                if should_stop():
-                    raise Cancelled("label scoring cancelled")
-                t0 = time.perf_counter()
-                rows = [prompts[i] for i in batch]
-                prefix, plen = (shared, shared_len)
-                if prefix is None:
-                    prefix, plen = self._plan_prefix(rows, key, reuse)
-                scores = self._score_batch(rows, prefix, plen, tree)
-                share = (time.perf_counter() - t0) / len(batch) + overhead
+
+            def run(rows, prefix, plen):
+                return self._score_batch(rows, prefix, plen, tree)
+
+            for batch, scores, share in self._run_batches(
+                prompts, key, reuse, extra, batch_size, run, "score", progress, should_stop
+            ):
                 for i, row in zip(batch, scores, strict=True):
                     by_label = {lab: float(s) for lab, s in zip(labels, row, strict=True)}
                     best = max(by_label, key=by_label.__getitem__)
                     results[i] = LabelRanking(best, by_label, len(prompts[i]), share)
-                done += len(batch)
-                progress(Progress("score", done, len(prompts)))
         return results  # type: ignore[return-value]
 
     def _score_batch(
