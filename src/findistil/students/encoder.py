@@ -25,10 +25,8 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 
 from findistil import taxonomy
+from findistil.artifacts import staged_dir
 from findistil.config import MINILM, LoraConfig, Settings, TrainingConfig
 from findistil.errors import Cancelled, DataError, FindistilError
 from findistil.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
@@ -53,7 +52,6 @@ from findistil.students.base import (
 from findistil.students.lora import (
     CARD_FORMAT,
     CARD_NAME,
-    _install,
     _lr_lambda,
     _versions,
     data_hash,
@@ -301,16 +299,10 @@ class EncoderStudent(Student):
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": _versions(),
         }
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.mkdir(parents=True)
+        with staged_dir(out_dir) as tmp:  # never a half-written folder at out_dir
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, ensure_ascii=False))
-            _install(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self._set_tuned(model, card, out_dir)
         return TrainResult(out_dir, training.epochs, step, metrics)
 

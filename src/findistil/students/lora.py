@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from findistil.artifacts import staged_dir
 from findistil.config import LoraConfig, TrainingConfig
 from findistil.errors import Cancelled, DataError
 from findistil.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
@@ -303,17 +304,6 @@ def _save_adapter(peft_model, name: str, base_model_id: str, out: Path) -> None:
     shutil.rmtree(staging)
 
 
-def _install(tmp: Path, out_dir: Path) -> None:
-    """Move a finished artefact into place, replacing an older one only at the last moment."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def train_lora(
     model,
     tokenizer,
@@ -376,113 +366,105 @@ def train_lora(
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     with attached_lora(model, peft_cfg) as (peft_model, adapter_name):
-        try:
-            params = [p for p in peft_model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(
-                params, lr=training.learning_rate, weight_decay=training.weight_decay
-            )
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, _lr_lambda(total_steps, warmup)
-            )
-            peft_model.train()
-            step = 0
-            history: list[dict[str, Any]] = []
-            started = time.perf_counter()
-            for epoch in range(training.epochs):
-                epoch_loss, epoch_tokens = 0.0, 0
-                for plan in plan_steps(train_ex, batch_size, micro, rng):
-                    step_tokens = sum(train_ex[i].answer_tokens for mb in plan for i in mb)
-                    step_loss = 0.0
-                    for mb in plan:
-                        if should_stop():
-                            raise Cancelled(f"training cancelled at step {step} of {total_steps}")
-                        batch = _move(collate([train_ex[i] for i in mb], pad_id), device)
-                        loss = answer_loss_sum(peft_model, batch) / max(1, step_tokens)
-                        loss.backward()
-                        step_loss += float(loss.detach())
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    epoch_loss += step_loss * step_tokens
-                    epoch_tokens += step_tokens
-                    progress(
-                        Progress(
-                            "train",
-                            step,
-                            total_steps,
-                            {
-                                "epochs_completed": epoch,
-                                "steps_completed": step,
-                                "loss": round(step_loss, 5),
-                                "lr": scheduler.get_last_lr()[0],
-                            },
-                        )
-                    )
-                val = _val_loss(peft_model, val_ex, micro, pad_id, device, should_stop)
-                history.append(
-                    {
-                        "epoch": epoch + 1,
-                        "train_loss": epoch_loss / max(1, epoch_tokens),
-                        "val_loss": val,
-                    }
-                )
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=training.learning_rate, weight_decay=training.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
+        peft_model.train()
+        step = 0
+        history: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        for epoch in range(training.epochs):
+            epoch_loss, epoch_tokens = 0.0, 0
+            for plan in plan_steps(train_ex, batch_size, micro, rng):
+                step_tokens = sum(train_ex[i].answer_tokens for mb in plan for i in mb)
+                step_loss = 0.0
+                for mb in plan:
+                    if should_stop():
+                        raise Cancelled(f"training cancelled at step {step} of {total_steps}")
+                    batch = _move(collate([train_ex[i] for i in mb], pad_id), device)
+                    loss = answer_loss_sum(peft_model, batch) / max(1, step_tokens)
+                    loss.backward()
+                    step_loss += float(loss.detach())
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                epoch_loss += step_loss * step_tokens
+                epoch_tokens += step_tokens
                 progress(
                     Progress(
                         "train",
                         step,
                         total_steps,
                         {
-                            "epochs_completed": epoch + 1,
+                            "epochs_completed": epoch,
                             "steps_completed": step,
-                            "loss": history[-1]["train_loss"],
-                            "val_loss": val,
+                            "loss": round(step_loss, 5),
+                            "lr": scheduler.get_last_lr()[0],
                         },
                     )
                 )
-            seconds = time.perf_counter() - started
-            if should_stop():
-                raise Cancelled("training cancelled before the adapter was saved")
+            val = _val_loss(peft_model, val_ex, micro, pad_id, device, should_stop)
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": epoch_loss / max(1, epoch_tokens),
+                    "val_loss": val,
+                }
+            )
+            progress(
+                Progress(
+                    "train",
+                    step,
+                    total_steps,
+                    {
+                        "epochs_completed": epoch + 1,
+                        "steps_completed": step,
+                        "loss": history[-1]["train_loss"],
+                        "val_loss": val,
+                    },
+                )
+            )
+        seconds = time.perf_counter() - started
+        if should_stop():
+            raise Cancelled("training cancelled before the adapter was saved")
 
-            metrics = {
-                "train_loss": history[-1]["train_loss"],
-                "val_loss": history[-1]["val_loss"],
-                "epochs": history,
-                "train_seconds": round(seconds, 3),
-                "examples_per_s": round(len(train_ex) * training.epochs / max(seconds, 1e-9), 3),
-                "train_rows": len(train_ex),
-                "val_rows": len(val_ex),
-                "mean_tokens_per_row": round(
-                    sum(len(e.input_ids) for e in train_ex) / len(train_ex), 1
-                ),
-                "prompt_pruning": rule is not None,
-            }
-            tmp.mkdir(parents=True)
+        metrics = {
+            "train_loss": history[-1]["train_loss"],
+            "val_loss": history[-1]["val_loss"],
+            "epochs": history,
+            "train_seconds": round(seconds, 3),
+            "examples_per_s": round(len(train_ex) * training.epochs / max(seconds, 1e-9), 3),
+            "train_rows": len(train_ex),
+            "val_rows": len(val_ex),
+            "mean_tokens_per_row": round(
+                sum(len(e.input_ids) for e in train_ex) / len(train_ex), 1
+            ),
+            "prompt_pruning": rule is not None,
+        }
+        card = {
+            "format": CARD_FORMAT,
+            "kind": "lora",
+            "base_model": base_model_id,
+            "training_config": training.model_dump(mode="json"),
+            "lora_config": lora.model_dump(mode="json"),
+            "pruning_rule": rule.to_dict() if rule is not None else None,
+            "data": {
+                "train_rows": len(train_rows),
+                "val_rows": len(val_rows),
+                "sha256": data_hash(train_rows, val_rows),
+            },
+            "metrics": metrics,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": _versions(),
+        }
+        with staged_dir(out_dir) as tmp:  # never a half-written adapter at out_dir
             _save_adapter(peft_model, adapter_name, base_model_id, tmp)
-            card = {
-                "format": CARD_FORMAT,
-                "kind": "lora",
-                "base_model": base_model_id,
-                "training_config": training.model_dump(mode="json"),
-                "lora_config": lora.model_dump(mode="json"),
-                "pruning_rule": rule.to_dict() if rule is not None else None,
-                "data": {
-                    "train_rows": len(train_rows),
-                    "val_rows": len(val_rows),
-                    "sha256": data_hash(train_rows, val_rows),
-                },
-                "metrics": metrics,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "versions": _versions(),
-            }
             (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, ensure_ascii=False))
-            _install(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return TrainResult(
         path=out_dir, epochs_completed=training.epochs, steps_completed=step, metrics=metrics
     )

@@ -12,9 +12,10 @@ Ids are what users write: ``HuggingFaceTB/SmolLM2-135M-Instruct``, ``google/gemm
 4. the hub, when ``HF_HUB_OFFLINE`` is not set and huggingface.co answers;
 5. otherwise ``ModelNotAvailable`` naming the ids that can be had and the pip command.
 
-Conversion is safe against two processes: an exclusive ``flock`` on ``<cache>.lock``, the
-folder is built in a temp dir next to the cache entry and renamed into place, so a reader
-never sees half a model. ``materialise`` is that step on its own (tests drive it directly).
+Conversion is safe against two processes (``artifacts.build_once``: an exclusive lock on
+``<cache>.lock``, the folder built in a temp dir next to the cache entry and renamed into
+place), so a reader never sees half a model. ``materialise`` is that step on its own
+(tests drive it directly).
 
 Also here: ``pick_device(settings)`` and ``describe_model(model) -> (num_params, dtype)``.
 
@@ -26,18 +27,16 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib
 import importlib.util
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from findistil.artifacts import build_once
 from findistil.config import MINILM, SMOLLM2, Settings
 from findistil.errors import ConfigError, ModelNotAvailable
 from findistil.progress import Progress, ProgressFn, no_progress
@@ -133,17 +132,6 @@ def available_models() -> list[str]:
 # ------------------------------------------------------------------------- safe conversion
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def materialise(
     target: Path,
     build: Callable[[Path], None],
@@ -153,26 +141,17 @@ def materialise(
 ) -> Path:
     """Create ``target`` (a folder) by ``build(tmp_dir)`` at most once, across processes.
 
-    The first caller takes an exclusive lock on ``<target>.lock`` and builds into a temp dir
-    beside ``target``, then renames it into place; callers waiting on the lock find the
-    finished folder and return it without building. A failed build leaves nothing behind.
+    ``artifacts.build_once`` does the locking and the temp dir + rename; this adds the check
+    that the build wrote a model (``config.json``). A failed build leaves nothing behind.
     """
-    if (target / "config.json").is_file():
-        return target
-    with _file_lock(target.with_name(target.name + ".lock")):
-        if (target / "config.json").is_file():  # another process finished while we waited
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            build(tmp)
-            if not (tmp / "config.json").is_file():
-                raise RuntimeError(f"building {target.name} wrote no config.json")
-            if target.exists():  # a stale partial folder from an older, unlocked writer
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+    def build_model(tmp: Path) -> None:
+        tmp.mkdir()
+        build(tmp)
+        if not (tmp / "config.json").is_file():
+            raise RuntimeError(f"building {target.name} wrote no config.json")
+
+    build_once(target, build_model, ready=lambda p: (p / "config.json").is_file())
     progress(Progress(stage, 1, 1, {"step": "ready", "model_dir": str(target)}))
     return target
 
@@ -285,17 +264,27 @@ def _not_available_message(model_id: str, entry: PackagedModel | None) -> str:
 
 
 def pick_device(settings: Settings | None = None) -> str:
-    """``cuda`` when available (or asked for), else ``cpu`` using every core.
+    """The torch device this process runs students on, from ``settings.device``.
 
-    ``OMP_NUM_THREADS``, when set, wins over the core count: on a CPU shared with other busy
-    processes one thread decodes several times faster than two (thread hand-offs stall).
+    ``auto``: ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` / ``cuda:N`` must be
+    visible (a worker started with ``--device cuda:1`` on a one-GPU machine fails at once).
+    On the CPU every core is used; ``OMP_NUM_THREADS``, when set, wins over the core count:
+    on a CPU shared with other busy processes one thread decodes several times faster than
+    two (thread hand-offs stall).
     """
     import torch
 
     wanted = settings.device if settings is not None else "auto"
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto'")
-    if wanted in {"auto", "cuda"} and torch.cuda.is_available():
+    if wanted.startswith("cuda"):
+        index = int(wanted.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device: {wanted!r} was asked for but this machine shows "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA GPU(s); "
+                "use 'auto' or 'cpu'"
+            )
+        return wanted
+    if wanted == "auto" and torch.cuda.is_available():
         return "cuda"
     threads = os.environ.get("OMP_NUM_THREADS", "")
     torch.set_num_threads(
