@@ -7,11 +7,14 @@ Service fixtures skip with a reason when the server is down locally and fail whe
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests.tiny_models import build_tiny_bert, build_tiny_llama
 
@@ -57,6 +60,21 @@ def _service_or_skip(name: str, url: str) -> str:
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     return _service_or_skip("PostgreSQL", POSTGRES_URL)
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_url) -> Iterator[str]:
+    """A throw-away PostgreSQL database (created empty, dropped after the test)."""
+    name = f"findistil_t_{secrets.token_hex(4)}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield postgres_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @pytest.fixture(scope="session")

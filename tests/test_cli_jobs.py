@@ -89,7 +89,7 @@ def test_create_follow_list_show_delete(server, settings):
     assert deleted.exit_code == 0
     assert "Job deletion started" in deleted.output
     assert _job_row(settings, job_id) is None
-    assert not (settings.jobs_dir / job_id).exists()
+    assert not (settings.artifacts_root / "jobs" / job_id).exists()
 
 
 def test_cancel_then_follow_exits_1(server, settings, write_config):

@@ -1,5 +1,5 @@
-"""The job service on a real SQLite file and the real PostgreSQL: create, list, show, cancel,
-delete, restart recovery, atomic claiming and the recommendation rule."""
+"""The job service on a real SQLite file and the real PostgreSQL: create (with the frozen
+config), list, show, cancel (cascading), delete (waiting for leases), atomic claiming."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import delete, select, update
 
+from findistil.artifacts import ArtifactStore, job_key
 from findistil.config import load_settings
 from findistil.errors import DataError, JobStateError, NotFound
 from findistil.flywheel import jobs as service
 from findistil.flywheel.db import FlywheelDB, candidates, evaluations, jobs, new_job_id, utcnow
-from findistil.flywheel.runner import claim_job, claim_next
+from findistil.flywheel.graph import claim_job, claim_next
 from findistil.loaders import load_demo
 from findistil.logstore import LogStore
 
@@ -50,7 +51,14 @@ def _create(env, **split):
 
 def test_validate_job_id():
     assert service.validate_job_id("0123456789abcdef01234567") == "0123456789abcdef01234567"
-    for bad in ["", "xyz", "0123456789ABCDEF01234567", "0123456789abcdef0123456", "../" * 8]:
+    for bad in [
+        "",
+        "xyz",
+        "0123456789ABCDEF01234567",
+        "0123456789abcdef0123456",
+        "../" * 8,
+        "0123456789abcdef01234567\n",
+    ]:
         with pytest.raises(service.InvalidJobId, match="Invalid job_id format") as info:
             service.validate_job_id(bad)
         assert info.value.http_status == 400
@@ -66,6 +74,16 @@ def test_create_job_queues_pending_with_merged_split(env):
     assert split["val_ratio"] == settings.data_split_config.val_ratio  # ... the rest configured
     assert detail["nims"] == [] and detail["datasets"] == [] and detail["recommendation"] is None
     assert detail["started_at"] is None and detail["error"] is None and detail["llm_judge"] is None
+    # the whole resolved config is frozen on the job: stages read this, never live settings
+    config = detail["config"]
+    assert config["data_split_config"] == split
+    assert [n["model_name"] for n in config["nims"]] == [n.model_name for n in settings.nims]
+    smollm = config["nims"][0]
+    assert smollm["training_config"]["learning_rate"] == 2e-3  # its own override, resolved
+    assert smollm["training_config"]["micro_batch_size"] == 16  # the global value
+    assert smollm["lora_config"]["adapter_dim"] == 16
+    assert config["icl_config"] == settings.icl_config.model_dump()
+    assert config["evaluation_config"]["scoring_mode"] == "generate"
 
 
 def test_create_job_refuses_too_few_records_with_the_count(env):
@@ -125,76 +143,65 @@ def test_cancel_marks_job_and_refuses_finished(env):
 
 def test_delete_only_finished_and_only_its_own_files(env):
     settings, db, *_ = env
+    artifacts = ArtifactStore(settings.artifacts_root)
     keep, gone = _create(env), _create(env)
     for job_id in (keep, gone):
-        folder = service.job_dir(settings, job_id) / "candidates" / "0" / "adapter"
+        folder = artifacts.path(job_key(job_id, "candidates", 0, "adapter"))
         folder.mkdir(parents=True)
         (folder / "weights.bin").write_bytes(b"x")
     with pytest.raises(JobStateError, match="Cannot delete a running job. Please cancel"):
-        service.delete_job(db, settings, gone)  # pending is not finished
+        service.delete_job(db, artifacts, gone)  # pending is not finished
     service.cancel_job(db, gone)
-    out = service.delete_job(db, settings, gone)
+    out = service.delete_job(db, artifacts, gone)
     assert out["id"] == gone and "Resources will be cleaned up" in out["message"]
-    assert not service.job_dir(settings, gone).exists()
-    assert (service.job_dir(settings, keep) / "candidates/0/adapter/weights.bin").is_file()
+    assert not artifacts.exists(job_key(gone))
+    assert artifacts.exists(job_key(keep, "candidates", 0, "adapter", "weights.bin"))
     with pytest.raises(NotFound):
         service.get_job(db, gone)
     assert service.get_job(db, keep)["status"] == "pending"
 
 
+def test_cancel_cascades_to_every_unfinished_child(env):
+    _, db, *_ = env
+    job_id = _create(env)
+    assert claim_job(db, job_id, "someone:1:dead", 60)
+    with db.begin() as conn:
+        done, running = (
+            conn.execute(
+                candidates.insert().values(
+                    job_id=job_id, position=n, model_name="m", status=s, owner="someone:1:dead"
+                )
+            ).inserted_primary_key[0]
+            for n, s in ((0, "completed"), (1, "running-evals"))
+        )
+        conn.execute(
+            evaluations.insert().values(
+                job_id=job_id, candidate_id=running, eval_type="base-eval", status="running"
+            )
+        )
+    service.cancel_job(db, job_id)
+    detail = service.get_job(db, job_id)
+    assert detail["status"] == "cancelled"
+    by_id = {n["id"]: n for n in detail["nims"]}
+    assert by_id[done]["status"] == "completed"  # finished work keeps its status
+    assert by_id[running]["status"] == "cancelled"
+    assert by_id[running]["deployment_status"] == "cancelled"
+    assert by_id[running]["evaluations"][0]["status"] == "cancelled"
+    assert by_id[running]["evaluations"][0]["error"] == "Job cancelled by user"
+
+
 def test_delete_waits_while_a_cancelled_job_still_stops(env):
     settings, db, *_ = env
+    artifacts = ArtifactStore(settings.artifacts_root)
     job_id = _create(env)
-    assert claim_job(db, job_id, service.process_owner())  # this live process runs it
+    assert claim_job(db, job_id, "busy-host:7:abc", 60)  # its lease runs for a minute
     service.cancel_job(db, job_id)
-    with pytest.raises(JobStateError):
-        service.delete_job(db, settings, job_id)
-    with db.begin() as conn:  # the worker finished stopping
-        conn.execute(update(jobs).where(jobs.c.id == job_id).values(owner=None))
-    service.delete_job(db, settings, job_id)
-
-
-def test_recover_interrupted(env):
-    _, db, *_ = env
-    dead, mine, queued, remote_fresh, remote_stale = (_create(env) for _ in range(5))
-    host = service.socket.gethostname()
-    owners = {
-        dead: f"{host}:999999999:dead",  # no such pid: the worker process is gone
-        mine: service.process_owner(),  # still running in this process
-        remote_fresh: "other-host:12:abc",
-        remote_stale: "other-host:13:abc",
-    }
-    with db.begin() as conn:
-        for job_id, owner in owners.items():
-            beat = utcnow() - timedelta(hours=1 if job_id == remote_stale else 0)
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(status="running", owner=owner, heartbeat_at=beat, started_at=beat)
-            )
-        conn.execute(
-            candidates.insert().values(
-                job_id=dead, position=0, model_name="m", status="running-evals"
-            )
-        )
-    # >= : the PostgreSQL database is shared, another crashed test run may have left jobs
-    assert service.recover_interrupted(db) >= 2
-    status = {j: service.get_job(db, j) for j in owners | {queued: None}}
-    for job_id in (dead, remote_stale):
-        assert status[job_id]["status"] == "failed"
-        assert status[job_id]["error"] == service.INTERRUPTED
-        assert status[job_id]["finished_at"] is not None
-    assert status[dead]["nims"][0]["status"] == "failed"
-    assert status[mine]["status"] == "running"
-    assert status[remote_fresh]["status"] == "running"
-    assert status[queued]["status"] == "pending"  # queued work survives a restart
-    service.recover_interrupted(db)  # a second pass changes nothing of ours
-    assert service.get_job(db, mine)["status"] == "running"
-    assert service.get_job(db, dead)["finished_at"] == status[dead]["finished_at"]
-    with db.begin() as conn:  # leave nothing running in the shared database
-        conn.execute(
-            update(jobs).where(jobs.c.id.in_([mine, remote_fresh])).values(status="failed")
-        )
+    with pytest.raises(JobStateError, match="busy-host:7:abc is still stopping"):
+        service.delete_job(db, artifacts, job_id)
+    with db.begin() as conn:  # the worker went silent: its lease ran out
+        past = utcnow() - timedelta(seconds=1)
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(lease_expires_at=past))
+    service.delete_job(db, artifacts, job_id)
 
 
 def test_claim_is_atomic_across_threads(env):
@@ -207,7 +214,7 @@ def test_claim_is_atomic_across_threads(env):
     def worker(n):
         barrier.wait()
         while True:
-            job_id = claim_next(db, f"worker-{n}")
+            job_id = claim_next(db, f"worker-{n}", 60)
             if job_id is None:
                 return
             with lock:
@@ -224,43 +231,11 @@ def test_claim_is_atomic_across_threads(env):
         rows = conn.execute(select(jobs.c.status).where(jobs.c.id.in_(ids))).scalars()
         assert set(rows) == {"running"}
         conn.execute(update(jobs).where(jobs.c.id.in_(ids)).values(status="failed", owner=None))
-    assert not claim_job(db, next(iter(ids)), "late")
+    assert not claim_job(db, next(iter(ids)), "late", 60)
 
 
-def test_predictions_path_not_found(env):
-    _, db, *_ = env
+def test_predictions_key_not_found(env):
+    settings, db, *_ = env
     job_id = _create(env)
     with pytest.raises(NotFound, match="Evaluation 12345 not found"):
-        service.predictions_path(db, job_id, 12345)
-
-
-def _nim(name, f1, rows_per_s, params, eval_type="customized-eval"):
-    return {
-        "model_name": name,
-        "params": params,
-        "s_per_row": 1.0 / rows_per_s if rows_per_s else None,
-        "evaluations": [{"eval_type": eval_type, "scores": {"macro_f1": f1}}],
-    }
-
-
-def test_recommend_cheapest_within_tolerance():
-    nims = [_nim("big", 0.90, 10.0, 135), _nim("small", 0.89, 100.0, 22)]
-    rec = service.recommend(nims, 0.02)
-    assert rec["model_name"] == "small" and rec["best_model_name"] == "big"
-    assert rec["relative_cost"] == {"big": 10.0, "small": 1.0}
-    assert rec["cost_per_1k_rows_s"] == pytest.approx(10.0)
-    assert "within 0.02 macro-F1" in rec["reason"] and "big 10x" in rec["reason"]
-    # outside the tolerance the best one wins even though it costs more
-    assert service.recommend(nims, 0.005)["model_name"] == "big"
-    # same speed: fewer parameters wins
-    tie = [_nim("a", 0.8, 10.0, 200), _nim("b", 0.8, 10.0, 100)]
-    assert service.recommend(tie, 0.02)["model_name"] == "b"
-    assert service.recommend([{"model_name": "x", "evaluations": []}], 0.02) is None
-
-
-def test_recommend_prefers_customized_eval_over_better_base():
-    nim = _nim("a", 0.5, 10.0, 1)
-    nim["evaluations"].append({"eval_type": "base-eval", "scores": {"macro_f1": 0.7}})
-    other = _nim("b", 0.69, 1.0, 1, eval_type="base-eval")  # no customization: its best eval
-    rec = service.recommend([nim, other], 0.02)
-    assert rec["model_name"] == "b" and rec["eval_type"] == "base-eval"
+        service.predictions_key(db, ArtifactStore(settings.artifacts_root), job_id, 12345)

@@ -2,8 +2,8 @@
 
 Covers: the full lifecycle with a LoRA candidate and an encoder candidate, a failing candidate
 next to a working one, dataset failure, cancellation during training (latency printed),
-worker shutdown, restart recovery with the runner, delete, and atomic claiming by 2 runners
-of 2 threads each.
+worker shutdown, restart recovery with the runner, delete, atomic claiming by 2 runners of 2
+threads each, and idempotent stages (every stage run twice leaves the same rows).
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ import time
 import pytest
 from sqlalchemy import select
 
+from findistil.artifacts import ArtifactStore, job_key
 from findistil.config import load_settings
+from findistil.flywheel import graph, stages
 from findistil.flywheel import jobs as service
 from findistil.flywheel.db import FlywheelDB, candidates, customizations, evaluations, jobs
-from findistil.flywheel.runner import ThreadRunner, claim_job, run_claimed_job, run_job
+from findistil.flywheel.graph import claim_job
+from findistil.flywheel.leases import shut_down
+from findistil.flywheel.runner import ThreadRunner, run_claimed_job, run_job
 from findistil.loaders import load_demo
 from findistil.logstore import LogStore
 
@@ -73,6 +77,8 @@ def test_job_lifecycle_end_to_end(sqlite_url, demo_store, tiny_nims):
     job_id = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
     seen: list[str] = []
     detail = run_job(settings, job_id, progress=lambda p: seen.append(p.stage), db=db)
+    artifacts = ArtifactStore(settings.artifacts_root)
+    assert artifacts.root == settings.home  # the embedded default
 
     assert detail["status"] == "completed", detail["error"]
     assert detail["error"] is None and detail["finished_at"] and detail["progress"] == 100.0
@@ -96,20 +102,19 @@ def test_job_lifecycle_end_to_end(sqlite_url, demo_store, tiny_nims):
             assert ev["status"] == "completed" and ev["progress"] == 100.0
             assert 0.0 <= ev["scores"]["f1_score"] <= 1.0 and ev["scores"]["rows"] == 13
             assert ev["predictions_url"] == f"/api/jobs/{job_id}/evaluations/{ev['id']}/predictions"
-            path = service.predictions_path(db, job_id, ev["id"])
+            key = service.predictions_key(db, artifacts, job_id, ev["id"])
             position = detail["nims"].index(nim)
-            assert (
-                path.parent
-                == service.job_dir(settings, job_id)
-                / "candidates"
-                / str(position)
-                / ev["eval_type"]
+            assert key == job_key(
+                job_id, "candidates", position, ev["eval_type"], "predictions.jsonl"
             )
-            assert len(path.read_text().splitlines()) == 13
+            assert ev["nmp_uri"] == job_key(job_id, "candidates", position, ev["eval_type"])
+            assert len(artifacts.read_text(key).splitlines()) == 13
         (custom,) = nim["customizations"]
         assert custom["status"] == "completed" and custom["progress"] == 100.0
         assert custom["epochs_completed"] == 1 and custom["steps_completed"] >= 1
-        assert custom["adapter_path"].endswith(f"candidates/{detail['nims'].index(nim)}/adapter")
+        position = detail["nims"].index(nim)
+        assert custom["adapter_key"] == job_key(job_id, "candidates", position, "adapter")
+        assert nim["worker"] and nim["worker"].count(":") == 2  # host:pid:token
     rec = detail["recommendation"]
     assert rec["model_name"] in {llama["model_name"], bert["model_name"]}
     assert sum(n["recommended"] for n in detail["nims"]) == 1
@@ -118,11 +123,13 @@ def test_job_lifecycle_end_to_end(sqlite_url, demo_store, tiny_nims):
         assert conn.execute(select(jobs.c.recommendation).where(jobs.c.id == job_id)).scalar()
     assert {"datasets", "0:base-eval", "0:icl-eval", "0:train", "1:train"} <= set(seen)
 
+    assert [d["nmp_uri"] for d in detail["datasets"]][0] == job_key(
+        job_id, "datasets", "eval_data.jsonl"
+    )
     # delete removes the job's files and rows
-    folder = service.job_dir(settings, job_id)
-    assert (folder / "datasets" / "eval_data.jsonl").is_file()
-    service.delete_job(db, settings, job_id)
-    assert not folder.exists()
+    assert artifacts.exists(job_key(job_id, "datasets", "eval_data.jsonl"))
+    service.delete_job(db, artifacts, job_id)
+    assert not artifacts.exists(job_key(job_id))
     with db.begin() as conn:
         for table in (candidates, evaluations, customizations):
             assert conn.execute(select(table).where(table.c.job_id == job_id)).first() is None
@@ -153,7 +160,7 @@ def test_failing_candidate_does_not_stop_the_other(backend, request, sqlite_url,
     finally:
         store.delete("news_classifier", client)
         store.close()
-        service.delete_job(db, settings, job_id)
+        service.delete_job(db, ArtifactStore(settings.artifacts_root), job_id)
 
 
 def test_dataset_failure_fails_the_job_with_the_curation_message(sqlite_url, demo_store, tiny_nims):
@@ -165,7 +172,7 @@ def test_dataset_failure_fails_the_job_with_the_curation_message(sqlite_url, dem
     assert detail["status"] == "failed" and detail["finished_at"]
     assert detail["error"].startswith("Not enough records found for the given workload.")
     assert [n["status"] for n in detail["nims"]] == ["failed", "failed"]
-    assert not (service.job_dir(settings, job_id) / "datasets").exists()
+    assert not ArtifactStore(settings.artifacts_root).exists(job_key(job_id, "datasets"))
 
 
 def _long_training(sqlite_url, tiny_nims, **extra):
@@ -176,11 +183,12 @@ def _long_training(sqlite_url, tiny_nims, **extra):
 
 
 def _start_in_thread(settings, db, job_id, shutdown=None):
-    assert claim_job(db, job_id, service.process_owner())
-    result: dict = {}
+    ctx = stages.StageContext(settings, db, shutdown=shutdown or threading.Event())
+    assert claim_job(db, job_id, ctx.worker, settings.lease_timeout_s)
+    result: dict = {"worker": ctx.worker}
 
     def target():
-        result["status"] = run_claimed_job(settings, db, job_id, shutdown=shutdown)
+        result["status"] = run_claimed_job(ctx, job_id)
 
     thread = threading.Thread(target=target)
     thread.start()
@@ -214,11 +222,14 @@ def test_cancel_during_training_stops_within_seconds(sqlite_url, demo_store, tin
     assert llama["status"] == "cancelled" and llama["deployment_status"] == "cancelled"
     assert llama["customizations"][0]["status"] == "cancelled"
     assert bert["status"] == "cancelled" and bert["evaluations"] == []  # never started
-    cand = service.job_dir(settings, job_id) / "candidates"
-    assert not (cand / "0" / "adapter").exists() and not (cand / "1").exists()
+    artifacts = ArtifactStore(settings.artifacts_root)
+    assert not artifacts.exists(job_key(job_id, "candidates", 0, "adapter"))
+    assert not artifacts.exists(job_key(job_id, "candidates", 1))
     with db.begin() as conn:
         assert conn.execute(select(jobs.c.owner).where(jobs.c.id == job_id)).scalar() is None
-    service.delete_job(db, settings, job_id)  # deletable once stopped
+        owners = conn.execute(select(candidates.c.owner).where(candidates.c.job_id == job_id))
+        assert set(owners.scalars()) == {None}  # every lease let go
+    service.delete_job(db, artifacts, job_id)  # deletable once stopped
 
 
 def test_worker_shutdown_interrupts_running_job(sqlite_url, demo_store, tiny_nims):
@@ -232,8 +243,12 @@ def test_worker_shutdown_interrupts_running_job(sqlite_url, demo_store, tiny_nim
     thread.join(30)
     assert not thread.is_alive() and result["status"] == "failed"
     detail = service.get_job(db, job_id)
-    assert detail["error"] == service.INTERRUPTED
-    assert {n["status"] for n in detail["nims"]} == {"cancelled"}
+    message = shut_down(result["worker"])
+    assert detail["error"] == message and message.startswith("interrupted: worker ")
+    # one consistent outcome: the job, both candidates and the training all failed, same reason
+    assert [(n["status"], n["error"]) for n in detail["nims"]] == [("failed", message)] * 2
+    (custom,) = detail["nims"][0]["customizations"]
+    assert (custom["status"], custom["error"]) == ("failed", message)
 
 
 def test_restart_recovery_then_runner_runs_the_queue(sqlite_url, demo_store, tiny_bert_dir):
@@ -242,8 +257,8 @@ def test_restart_recovery_then_runner_runs_the_queue(sqlite_url, demo_store, tin
     db = FlywheelDB(sqlite_url)
     left_running = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
     queued = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
-    # a worker claimed the first job, then its process died
-    assert claim_job(db, left_running, f"{service.socket.gethostname()}:999999999:gone")
+    # a worker claimed the first job, then its process died: its lease ran out
+    assert claim_job(db, left_running, "gone-host:99:dead", lease_s=-1)
     assert service.recover_interrupted(db) == 1
     runner = ThreadRunner(settings, db=db, poll_interval=0.2)
     runner.start()
@@ -257,7 +272,9 @@ def test_restart_recovery_then_runner_runs_the_queue(sqlite_url, demo_store, tin
         runner.stop(10)
     assert not runner.alive
     assert service.get_job(db, left_running)["status"] == "failed"
-    assert service.get_job(db, left_running)["error"] == service.INTERRUPTED
+    assert service.get_job(db, left_running)["error"] == (
+        "interrupted: worker gone-host:99:dead stopped while the job was running"
+    )
     assert service.get_job(db, queued)["status"] == "completed"
     assert runner.claimed == [queued]
 
@@ -290,30 +307,77 @@ def test_two_runners_with_two_threads_claim_each_job_once(sqlite_url, demo_store
         assert [n["status"] for n in nims_out] == ["completed", "completed"]
 
 
+def _rows(db, job_id):
+    """Every row of a job, as plain tuples (what "the same rows" means); lease expiries are
+    liveness, renewed all the time, not results."""
+    out = {}
+    with db.begin() as conn:
+        for table in (jobs, candidates, evaluations, customizations):
+            key = table.c.id if table is jobs else table.c.job_id
+            cols = [c for c in table.columns if c.name != "lease_expires_at"]
+            out[table.name] = [tuple(r) for r in conn.execute(select(*cols).where(key == job_id))]
+    return out
+
+
+def test_every_stage_run_twice_leaves_the_same_rows(sqlite_url, demo_store, tiny_nims):
+    settings = _settings(sqlite_url, tiny_nims)
+    db = FlywheelDB(sqlite_url)
+    job_id = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
+    ctx = stages.StageContext(settings, db)
+    assert claim_job(db, job_id, ctx.worker, 60)
+
+    def run_all():
+        ids = graph.run_job_head(ctx, job_id)
+        for cid in ids:
+            assert graph.claim_candidate(ctx, job_id, cid)  # re-entry by the same owner
+            for name in stages.prepare(ctx, job_id, cid):
+                graph.STAGES[name](ctx, job_id, cid)
+        return ids
+
+    ids = run_all()
+    first = _rows(db, job_id)
+    assert len(first["fw_evaluations"]) == 4 and len(first["fw_customizations"]) == 2
+    assert run_all() == ids
+    assert _rows(db, job_id) == first  # a retried task changes nothing
+
+    # a stage whose row failed (a crash, a retry) runs again into the same row
+    (llama_base,) = [r for r in first["fw_evaluations"] if r[2] == ids[0] and r[3] == "base-eval"]
+    with db.begin() as conn:
+        conn.execute(
+            evaluations.update().where(evaluations.c.id == llama_base[0]).values(status="failed")
+        )
+    again = stages.base_eval(ctx, job_id, ids[0])
+    rows = _rows(db, job_id)["fw_evaluations"]
+    assert len(rows) == 4
+    (row,) = [r for r in rows if r[0] == llama_base[0]]
+    assert row[4] == "completed"
+    assert again["f1_score"] == llama_base[5]["f1_score"]  # greedy decoding: same answers
+    assert again["accuracy"] == llama_base[5]["accuracy"]
+    for cid in ids:
+        stages.release(ctx, job_id, cid)
+    assert stages.finalize(db, job_id) == "completed"
+
+
 def test_stages_run_inline_and_record_their_own_failure(sqlite_url, demo_store, tiny_bert_dir):
-    # stages are plain functions over the DB: callable one by one without a runner
-    import shutil
-
-    from findistil.flywheel import stages
-
+    # stages are plain functions of ids: callable one by one without a runner
     nims = [{"model_name": str(tiny_bert_dir), "kind": "encoder"}]
     settings = _settings(sqlite_url, nims)
     db = FlywheelDB(sqlite_url)
     job_id = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
-    assert claim_job(db, job_id, service.process_owner())
     ctx = stages.StageContext(settings, db)
+    assert claim_job(db, job_id, ctx.worker, 60)
     (cid,) = stages.initialize(ctx, job_id)
     assert stages.initialize(ctx, job_id) == [cid]  # idempotent
     stages.create_datasets(ctx, job_id)
+    assert graph.claim_candidate(ctx, job_id, cid)
     assert stages.prepare(ctx, job_id, cid) == ["customization", "customized-eval"]
-    adapter = stages.customization(ctx, job_id, cid)
-    shutil.rmtree(adapter)  # the artefact vanished before the customized eval
+    key = stages.customization(ctx, job_id, cid)
+    ctx.artifacts.delete(key)  # the artefact vanished before the customized eval
     with pytest.raises(Exception, match="no trained adapter"):
         stages.customized_eval(ctx, job_id, cid)
     stages.release(ctx, job_id, cid, status="failed", error="customized-eval: no adapter")
-    assert ctx.students == {}
     (ev,) = service.get_job(db, job_id)["nims"][0]["evaluations"]
     assert ev["status"] == "failed" and "no trained adapter" in ev["error"]
     assert ev["predictions_url"] is None
-    assert stages.finalize(ctx, job_id) == "failed"  # its only candidate failed
+    assert stages.finalize(db, job_id) == "failed"  # its only candidate failed
     assert "every candidate failed" in service.get_job(db, job_id)["error"]

@@ -232,13 +232,59 @@ def serve(
     config: ConfigOption = None,
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    runner: Annotated[
+        str | None,
+        typer.Option(help="threads: run jobs in this process; celery: only enqueue them"),
+    ] = None,
 ) -> None:
-    """Serve the jobs API (upstream's /api/jobs routes) and run jobs in this process."""
+    """Serve the jobs API (upstream's /api/jobs routes); run jobs here or on Celery workers."""
     import uvicorn
 
     from findistil.api import create_app
 
-    uvicorn.run(create_app(get_settings(config)), host=host, port=port)
+    settings = get_settings(config)
+    if runner is not None:
+        settings = _with(settings, runner=runner)
+    uvicorn.run(create_app(settings), host=host, port=port)
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    concurrency: Annotated[int, typer.Option(help="stages run at once (threads)")] = 1,
+    queues: Annotated[
+        str | None, typer.Option(help="comma-separated queues (default: task_queue)")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: auto)")] = None,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="CPU threads per torch op (OMP_NUM_THREADS)")
+    ] = None,
+) -> None:
+    """Run a Celery worker: take findistil's stages from the broker and run them here."""
+    import os
+
+    from findistil.flywheel.celery_runner import run_worker
+
+    settings = get_settings(config)
+    if device is not None:
+        settings = _with(settings, device=device)
+    if torch_threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(torch_threads)
+    names = [q.strip() for q in (queues or "").split(",") if q.strip()] or None
+    run_worker(settings, concurrency=concurrency, queues=names)
+
+
+def _with(settings: Settings, **values) -> Settings:
+    """``settings`` with ``values`` changed, validated (a bad value names its key)."""
+    from pydantic import ValidationError
+
+    from findistil.config import _describe
+    from findistil.errors import ConfigError
+
+    try:
+        return Settings.model_validate({**settings.model_dump(), **values})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
 
 
 @jobs_app.command("create")

@@ -7,7 +7,11 @@ variables (``FINDISTIL_HOME``, ``FINDISTIL_DATABASE_URL``, nested keys with ``__
 ``data_split_config``, ``training_config``, ``lora_config``, ``evaluation_config``) are the
 field names, so an upstream ``config.yaml`` section can be pasted in as is.
 
-Every artefact lives under ``home`` (``FINDISTIL_HOME``, default ``~/.findistil``).
+Every local file lives under ``home`` (``FINDISTIL_HOME``, default ``~/.findistil``); job
+artefacts under ``artifact_root`` (default ``home``). Settings split in two: *job* settings
+(candidates, split, training, LoRA, ICL, evaluation) are frozen into each job at creation
+(``JobConfig``) and workers never read their own; *process* settings (home, database,
+artefact root, broker, device, leases) say how this process takes part.
 """
 
 from __future__ import annotations
@@ -124,9 +128,46 @@ class NimConfig(BaseModel):
     context_length: int = 8192
     customization_enabled: bool = True
     customizer_configs: dict[str, Any] = Field(default_factory=dict)
+    queue: str | None = Field(
+        None, description="Celery queue its stages go to (e.g. gpu); default task_queue"
+    )
     training_config: dict[str, Any] = Field(
         default_factory=dict, description="per-candidate overrides of training_config"
     )
+    lora_config: dict[str, Any] = Field(
+        default_factory=dict, description="per-candidate overrides of lora_config"
+    )
+
+
+class CandidateConfig(BaseModel):
+    """A candidate as a job stores it: every setting resolved, nothing left to look up."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model_name: str
+    kind: str = "auto"
+    context_length: int = 8192
+    customization_enabled: bool = True
+    customizer_configs: dict[str, Any] = Field(default_factory=dict)
+    queue: str | None = None
+    training_config: TrainingConfig = Field(default_factory=TrainingConfig)
+    lora_config: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class JobConfig(BaseModel):
+    """The frozen config of one job, stored on it at creation; every stage reads only this.
+
+    A job can be re-run or audited from its record alone, and two workers with different
+    config files run it the same way. Older jobs' partial configs read with defaults.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    data_split_config: DataSplitConfig = Field(default_factory=DataSplitConfig)
+    nims: list[CandidateConfig] = Field(default_factory=list)
+    icl_config: ICLConfig = Field(default_factory=ICLConfig)
+    evaluation_config: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    recommendation_tolerance: float = 0.02
 
 
 def _default_nims() -> list[NimConfig]:
@@ -169,11 +210,19 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=lambda: Path("~/.findistil").expanduser())
     database_url: str | None = None
-    broker_url: str | None = None
+    artifact_root: Path | None = Field(
+        None, description="where job artefacts live (default: home); shared when scaled out"
+    )
     runner: Literal["threads", "celery"] = "threads"
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker")
+    task_queue: str = Field("findistil", description="Celery queue of job and default tasks")
     max_parallel_jobs: int = Field(1, ge=1)
     max_parallel_candidates: int = Field(1, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
+    lease_timeout_s: float = Field(
+        60.0, ge=2, description="a running job/candidate whose owner is silent this long fails"
+    )
+    student_cache_size: int = Field(2, ge=1, description="students kept loaded per process")
     recommendation_tolerance: float = Field(0.02, ge=0, description="macro-F1 gap accepted")
 
     nims: list[NimConfig] = Field(default_factory=_default_nims)
@@ -204,12 +253,36 @@ class Settings(BaseSettings):
         return self.home / "datasets"
 
     @property
-    def jobs_dir(self) -> Path:
-        return self.home / "jobs"
+    def artifacts_root(self) -> Path:
+        return Path(self.artifact_root).expanduser() if self.artifact_root else self.home
+
+    @property
+    def heartbeat_s(self) -> float:
+        """How often a process renews its leases: several beats fit in one timeout."""
+        return max(0.5, min(5.0, self.lease_timeout_s / 4))
 
     def training_for(self, nim: NimConfig) -> TrainingConfig:
         """The training config of one candidate: global values, then its own overrides."""
         return _merge(TrainingConfig, self.training_config, nim.training_config, "training_config")
+
+    def lora_for(self, nim: NimConfig) -> LoraConfig:
+        return _merge(LoraConfig, self.lora_config, nim.lora_config, "lora_config")
+
+    def job_config(self, split_override: dict[str, Any] | None = None) -> JobConfig:
+        """Everything a new job will run with, resolved now (``POST /api/jobs`` stores it)."""
+        nims = []
+        for nim in self.nims:
+            data = nim.model_dump()
+            data["training_config"] = self.training_for(nim)
+            data["lora_config"] = self.lora_for(nim)
+            nims.append(CandidateConfig.model_validate(data))
+        return JobConfig(
+            data_split_config=merge_split_config(self.data_split_config, split_override),
+            nims=nims,
+            icl_config=self.icl_config,
+            evaluation_config=self.evaluation_config,
+            recommendation_tolerance=self.recommendation_tolerance,
+        )
 
 
 def _merge(model: type[BaseModel], base: BaseModel, override: dict | None, key: str):

@@ -6,6 +6,9 @@ First stop of the data flow (app logs -> **logstore** -> curate -> datasets). On
 default, PostgreSQL (or any SQLAlchemy URL) by ``database_url``; the ``log_`` prefix lets the
 table share a database with the orchestrator's job tables.
 
+The table is built by numbered migrations (``log_schema_version``, ``findistil.database``);
+``log_records`` below is the live object queries use and must match them.
+
 ``request`` and ``response`` are stored as JSON exactly as logged (plain ``JSON``, not
 ``JSONB``, so PostgreSQL keeps the key order too); any other top-level keys of a record go to
 ``extra`` and come back merged, so a record round-trips unchanged.
@@ -20,13 +23,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from findistil.config import Settings
+from findistil.database import make_engine, migrate
 from findistil.errors import DataError
 
 BATCH_SIZE = 1000  # rows per INSERT: bounds memory while amortising round trips (PostgreSQL)
@@ -44,6 +47,30 @@ log_records = sa.Table(
     sa.Column("extra", sa.JSON, nullable=True),
     sa.Index("ix_log_records_workload_client_ts", "workload_id", "client_id", "timestamp"),
 )
+
+VERSION_TABLE = "log_schema_version"
+
+
+def _log_v1(conn: Connection) -> None:
+    """The log table as release 0.1 made it (unversioned then: adopted when it exists)."""
+    md = sa.MetaData()
+    sa.Table(
+        "log_records",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("workload_id", sa.String(255), nullable=False),
+        sa.Column("client_id", sa.String(255), nullable=False),
+        sa.Column("timestamp", sa.BigInteger, nullable=False),
+        sa.Column("request", sa.JSON, nullable=False),
+        sa.Column("response", sa.JSON, nullable=False),
+        sa.Column("extra", sa.JSON, nullable=True),
+        sa.Index("ix_log_records_workload_client_ts", "workload_id", "client_id", "timestamp"),
+    )
+    md.create_all(conn, checkfirst=True)
+
+
+# Numbered, frozen migrations of the log table (see findistil.database); append, never edit.
+MIGRATIONS = {1: _log_v1}
 
 _CORE_KEYS = ("workload_id", "client_id", "timestamp", "request", "response")
 
@@ -127,10 +154,8 @@ class LogStore:
 
     def __init__(self, url: str, *, engine: Engine | None = None):
         self.url = url
-        if engine is None:
-            engine = _create_engine(url)
-        self.engine = engine
-        metadata.create_all(self.engine)
+        self.engine = engine if engine is not None else make_engine(url)
+        migrate(self.engine, VERSION_TABLE, MIGRATIONS)
 
     # -- writing ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -204,25 +229,6 @@ class LogStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _create_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        path = sa.engine.make_url(url).database
-        if path and path != ":memory:":
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
-
-        @sa.event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DB-API connection
-            # WAL lets the API read while a load or a job writes; NORMAL sync is safe in WAL.
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
-
-        return engine
-    return sa.create_engine(url, pool_pre_ping=True)
 
 
 def open_logstore(settings: Settings) -> LogStore:

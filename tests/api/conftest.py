@@ -52,9 +52,11 @@ def database_url(request, findistil_home, monkeypatch) -> Iterator[str]:
         admin.dispose()
 
 
-def tiny_config(llama: Path, bert: Path, *, llama_epochs: int = 1) -> dict:
-    """A findistil.yaml for fast jobs: the two tiny random models, a 10-row eval split."""
+def tiny_config(llama: Path, bert: Path, *, llama_epochs: int = 1, **top: object) -> dict:
+    """A findistil.yaml for fast jobs: the two tiny random models, a 10-row eval split;
+    ``top`` adds top-level keys (``lease_timeout_s=3``)."""
     return {
+        **top,
         "nims": [
             {
                 "model_name": str(llama),

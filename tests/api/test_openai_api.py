@@ -107,7 +107,7 @@ def test_serves_the_students_a_job_tuned(client, settings):
     assert again["choices"][0]["message"] == tuned["choices"][0]["message"]
     # the tuned id answers through its adapter, whose pruning rule shortens the full prompt
     assert tuned["usage"]["prompt_tokens"] < base["usage"]["prompt_tokens"]
-    adapter = llama["customizations"][0]["adapter_path"]
+    adapter = settings.artifacts_root / llama["customizations"][0]["adapter_key"]
     for data, path in ((tuned, adapter), (base, None)):
         text, prompt_tokens = _reference(settings, llama, path)
         assert (data["choices"][0]["message"]["content"], data["usage"]["prompt_tokens"]) == (

@@ -103,29 +103,51 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     ``start_runner=False`` serves the API without executing jobs (they stay queued in the
     DB for another process's runner).
     """
+    from findistil.artifacts import ArtifactStore
     from findistil.flywheel import jobs as service
     from findistil.flywheel.db import open_flywheel_db
+    from findistil.flywheel.graph import finish_job_if_done
+    from findistil.flywheel.leases import LeaseKeeper
     from findistil.flywheel.runner import make_runner
     from findistil.logstore import open_logstore
+    from findistil.students.cache import shared_cache
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or load_settings()
         resolved.home.mkdir(parents=True, exist_ok=True)
         app.state.settings = resolved
-        app.state.db = open_flywheel_db(resolved)
+        app.state.db = db = open_flywheel_db(resolved)
         app.state.store = open_logstore(resolved)
-        recovered = service.recover_interrupted(app.state.db)
+        app.state.artifacts = ArtifactStore(resolved.artifacts_root)
+        app.state.student_cache = shared_cache(resolved.student_cache_size)
+        recovered = service.recover_interrupted(db)
         if recovered:
             log.warning("marked %d interrupted job(s) as failed", recovered)
-        app.state.runner = make_runner(resolved) if start_runner else None
+        app.state.runner = make_runner(resolved, db=db) if start_runner else None
+        # Every live process reaps expired leases; a runner's keeper does it for the API.
+        keeper = getattr(app.state.runner, "keeper", None)
+        own_keeper = keeper is None
+        if own_keeper:
+            keeper = LeaseKeeper(
+                db,
+                timeout_s=resolved.lease_timeout_s,
+                interval_s=resolved.heartbeat_s,
+                runner="api",
+                after_reap=lambda job_id: finish_job_if_done(db, job_id),
+            )
+        app.state.keeper = keeper
         if app.state.runner is not None:
             app.state.runner.start()
+        if own_keeper:
+            keeper.start()
         try:
             yield
         finally:
             if app.state.runner is not None:
                 app.state.runner.stop(timeout=30)
+            if own_keeper:
+                keeper.stop()
             for resource in (app.state.db, app.state.store):
                 close = getattr(resource, "close", None) or getattr(resource, "dispose", None)
                 if close is not None:
@@ -145,7 +167,7 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     app.include_router(openai_router)
 
     @app.get("/health", response_model=HealthResponse, tags=["health"])
-    def health(db: DBDep, runner: RunnerDep) -> JSONResponse:
+    def health(request: Request, db: DBDep, runner: RunnerDep) -> JSONResponse:
         """Is the database reachable and the runner alive? 200 when both, else 503."""
         try:
             with db.engine.connect() as conn:
@@ -155,10 +177,18 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
             database = f"unreachable: {type(exc).__name__}"
         runner_state = "disabled" if runner is None else ("alive" if runner.alive else "stopped")
         ok = database == "ok" and runner_state != "stopped"
+        workers = []
+        if database == "ok":
+            from findistil.flywheel.leases import live_workers
+
+            timeout = request.app.state.settings.lease_timeout_s
+            workers = [w for w in live_workers(db, timeout) if w["runner"] != "api"]
         body = HealthResponse(
             status="ok" if ok else "degraded",
             database=database,
             runner=runner_state,
+            runner_kind=getattr(runner, "kind", None),
+            workers=workers,
             version=findistil.__version__,
         )
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

@@ -1,8 +1,9 @@
 """Shared dependencies of the API routes, as ``Annotated`` aliases.
 
-The app's lifespan (``api/app.py``) opens the settings, the flywheel DB, the log store and the
-runner once and keeps them on ``app.state``; routes take them through these aliases, so a
-handler reads ``def get(db: DBDep)`` and knows nothing of where they came from.
+The app's lifespan (``api/app.py``) opens the settings, the flywheel DB, the log store, the
+artefact store, the student cache and the runner once and keeps them on ``app.state``;
+routes take them through these aliases, so a handler reads ``def get(db: DBDep)`` and
+knows nothing of where they came from.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ def get_store(request: Request) -> Any:
     return request.app.state.store
 
 
+def get_artifacts(request: Request) -> Any:
+    """The ``artifacts.ArtifactStore`` job artefacts live in."""
+    return request.app.state.artifacts
+
+
+def get_cache(request: Request) -> Any:
+    """This process's ``students.cache.StudentCache`` (shared with the thread runner)."""
+    return request.app.state.student_cache
+
+
 def get_runner(request: Request) -> Any:
     """The job runner (``flywheel.runner.Runner``), or None when the app runs without one."""
     return request.app.state.runner
@@ -37,3 +48,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 DBDep = Annotated[Any, Depends(get_db)]
 StoreDep = Annotated[Any, Depends(get_store)]
 RunnerDep = Annotated[Any, Depends(get_runner)]
+ArtifactsDep = Annotated[Any, Depends(get_artifacts)]
+CacheDep = Annotated[Any, Depends(get_cache)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from findistil.api.deps import DBDep, RunnerDep, SettingsDep, StoreDep
+from findistil.api.deps import ArtifactsDep, DBDep, RunnerDep, SettingsDep, StoreDep
 from findistil.api.schemas import (
     ErrorResponse,
     JobActionResponse,
@@ -65,17 +65,20 @@ def get_job(job_id: str, db: DBDep):
 
 
 @router.post("/{job_id}/cancel", response_model=JobActionResponse, responses=_ERRORS)
-def cancel_job(job_id: str, db: DBDep):
+def cancel_job(job_id: str, db: DBDep, runner: RunnerDep):
     """Ask a pending or running job to stop; its stages stop within seconds."""
     service.validate_job_id(job_id)
-    return service.cancel_job(db, job_id)
+    answer = service.cancel_job(db, job_id)
+    if runner is not None:
+        runner.cancelled(job_id)
+    return answer
 
 
 @router.delete("/{job_id}", response_model=JobActionResponse, responses=_ERRORS)
-def delete_job(job_id: str, db: DBDep, settings: SettingsDep):
+def delete_job(job_id: str, db: DBDep, artifacts: ArtifactsDep):
     """Delete a finished job with its datasets, adapters and predictions."""
     service.validate_job_id(job_id)
-    return service.delete_job(db, settings, job_id)
+    return service.delete_job(db, artifacts, job_id)
 
 
 @router.get(
@@ -84,10 +87,12 @@ def delete_job(job_id: str, db: DBDep, settings: SettingsDep):
     response_model=None,
     responses={200: {"content": {"application/x-ndjson": {}}}, **_ERRORS},
 )
-def download_predictions(job_id: str, eval_id: int, db: DBDep):
+def download_predictions(job_id: str, eval_id: int, db: DBDep, artifacts: ArtifactsDep):
     """The predictions of one evaluation as JSONL (one row per eval record)."""
     service.validate_job_id(job_id)
-    path = service.predictions_path(db, job_id, eval_id)
+    key = service.predictions_key(db, artifacts, job_id, eval_id)
     return FileResponse(
-        path, media_type="application/x-ndjson", filename=f"{job_id}-{eval_id}-predictions.jsonl"
+        artifacts.path(key),
+        media_type="application/x-ndjson",
+        filename=f"{job_id}-{eval_id}-predictions.jsonl",
     )

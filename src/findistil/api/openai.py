@@ -14,24 +14,22 @@ default) and ignored. ``n`` must be 1 and ``stream`` false.
 from __future__ import annotations
 
 import secrets
-import threading
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from findistil.api.deps import DBDep, SettingsDep
+from findistil.api.deps import ArtifactsDep, CacheDep, DBDep, SettingsDep
 from findistil.errors import FindistilError
-from findistil.serving import StudentCache, chat_completion, find_model, flatten_content
-from findistil.serving import served_models as list_served
+from findistil.flywheel.jobs import find_served_model, served_models
+from findistil.serving import answer, chat_completion, flatten_content
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_LIMIT = 1024  # a classifier answers in ~6 tokens; this bounds a CPU-minute request
-_CACHE_LOCK = threading.Lock()
 
 
 class ChatMessage(BaseModel):
@@ -59,33 +57,23 @@ def openai_error(status: int, message: str, type_: str, code: str | None = None)
     return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status)
 
 
-def _cache(request: Request, settings) -> StudentCache:
-    # Created on first use and kept on app.state for the app's lifetime.
-    state = request.app.state
-    with _CACHE_LOCK:
-        cache = getattr(state, "student_cache", None)
-        if cache is None:
-            cache = state.student_cache = StudentCache(settings)
-    return cache
-
-
 @router.get("/models")
-def list_models(db: DBDep) -> dict:
+def list_models(db: DBDep, artifacts: ArtifactsDep) -> dict:
     """The tuned students of completed jobs (newest first) and the bases they were tuned from."""
-    return {"object": "list", "data": [m.as_openai() for m in list_served(db)]}
+    return {"object": "list", "data": [m.as_openai() for m in served_models(db, artifacts)]}
 
 
 @router.get("/models/{model_id:path}", response_model=None)
-def get_model(model_id: str, db: DBDep) -> dict | JSONResponse:
+def get_model(model_id: str, db: DBDep, artifacts: ArtifactsDep) -> dict | JSONResponse:
     try:
-        return find_model(db, model_id).as_openai()
+        return find_served_model(db, artifacts, model_id).as_openai()
     except FindistilError as exc:
         return openai_error(exc.http_status, str(exc), "invalid_request_error", "model_not_found")
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatRequest, request: Request, db: DBDep, settings: SettingsDep
+    body: ChatRequest, db: DBDep, artifacts: ArtifactsDep, settings: SettingsDep, cache: CacheDep
 ) -> dict | JSONResponse:
     """Answer the conversation with the named student (greedy decoding)."""
     if body.stream:
@@ -95,15 +83,14 @@ async def chat_completions(
     if body.n != 1:
         return openai_error(400, f"n={body.n} is not supported: send n=1", "invalid_request_error")
     try:
-        model = await run_in_threadpool(find_model, db, body.model)
+        model = await run_in_threadpool(find_served_model, db, artifacts, body.model)
     except FindistilError as exc:
         return openai_error(exc.http_status, str(exc), "invalid_request_error", "model_not_found")
     conversation = [{"role": m.role, "content": flatten_content(m.content)} for m in body.messages]
     budget = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
-    cache = _cache(request, settings)
     try:
         prediction = await run_in_threadpool(
-            cache.predict, model, conversation, max_new_tokens=budget
+            answer, cache, settings, model, conversation, max_new_tokens=budget
         )
     except FindistilError as exc:  # weights gone, adapter unreadable, ...
         return openai_error(exc.http_status, str(exc), "invalid_request_error", "model_error")

@@ -151,6 +151,10 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"]
     database: str
     runner: Literal["alive", "stopped", "disabled"]
+    runner_kind: str | None = None  # threads | celery
+    workers: list[dict[str, Any]] = Field(
+        default_factory=list, description="processes that run stages and beat recently"
+    )
     version: str
 
 

@@ -1,6 +1,7 @@
-"""The orchestrator core: job state (``db``), the job service (``jobs``), the stage graph
-(``stages``) and the runners (``runner``). The API and CLI sit on top of ``jobs`` and
-``runner``; nothing in the library below imports this package.
+"""The orchestrator core: job state (``db`` + ``migrations``), the job service (``jobs``),
+the stages (``stages``), the stage graph (``graph``), leases (``leases``) and the runners
+(``runner``: threads; ``celery_runner``: Celery workers). The API and CLI sit on top of
+``jobs`` and ``runner``; nothing in the library below imports this package.
 
 Experiment tracking (MLflow) is not wired in: ``stages.run_eval`` is the seam where a
 tracking hook would log each evaluation's scores.
@@ -14,7 +15,7 @@ from findistil.flywheel.jobs import (
     delete_job,
     get_job,
     list_jobs,
-    predictions_path,
+    predictions_key,
     recover_interrupted,
     validate_job_id,
 )
@@ -33,7 +34,7 @@ __all__ = [
     "make_runner",
     "new_job_id",
     "open_flywheel_db",
-    "predictions_path",
+    "predictions_key",
     "recover_interrupted",
     "run_job",
     "validate_job_id",

@@ -1,21 +1,23 @@
-"""The flywheel's job state: four SQLAlchemy tables beside the log store's, in the same database.
+"""The flywheel's job state: SQLAlchemy tables beside the log store's, in the same database.
 
 ``fw_jobs`` (one flywheel run over a workload), ``fw_candidates`` (one student per job;
-upstream's "NIM runs"), ``fw_evaluations`` and ``fw_customizations`` (one row per eval /
-training of a candidate). Fields are upstream's (REFERENCE §8) plus ours: the full ``scores``
-dict, predictions/adapter paths, parameter counts, measured cost (rows/s, s/row, training
-seconds, examples/s) and who runs a job (``owner``, ``heartbeat_at``) for restart recovery.
+upstream's "NIM runs"), ``fw_evaluations`` (one per candidate and eval type) and
+``fw_customizations`` (one per candidate), plus ``fw_workers`` (the processes that run
+stages, with their heartbeats). Fields are upstream's (REFERENCE §8) plus ours: the full
+``scores`` dict, artefact keys (relative to the artefact root), parameter counts, measured
+cost (rows/s, s/row, training seconds, examples/s), and leases: the ``owner`` of a running
+job or candidate and when its lease runs out (``flywheel/leases.py``).
 
-The schema is created on open and versioned in ``fw_schema_version``: a shipped migration is
-never edited, a change appends one (STYLE "Storage"). SQLite (embedded default) and
-PostgreSQL both work; stages and the runner only ever go through ``FlywheelDB``.
+These are the *live* table objects queries use; the schema itself is built by the numbered,
+frozen migrations in ``flywheel/migrations.py`` (applied on open, recorded in
+``fw_schema_version``). SQLite (embedded default) and PostgreSQL both work; the engine comes
+from ``findistil.database``, the one engine factory.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -33,17 +35,16 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
-    event,
-    insert,
-    select,
+    UniqueConstraint,
+    update,
 )
-from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from findistil.config import Settings
+from findistil.database import make_engine, migrate
+from findistil.flywheel.migrations import MIGRATIONS, VERSION_TABLE
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = max(MIGRATIONS)
 
 JOB_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
@@ -66,13 +67,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-schema_version = Table(
-    "fw_schema_version",
-    metadata,
-    Column("version", Integer, primary_key=True),
-    Column("applied_at", DateTime(timezone=True), nullable=False, default=utcnow),
-)
-
 jobs = Table(
     "fw_jobs",
     metadata,
@@ -89,8 +83,10 @@ jobs = Table(
     Column("config", JSON, nullable=False, default=dict),  # resolved split config + nims
     Column("recommendation", JSON),
     Column("error", Text),
-    Column("owner", String(255)),  # "host:pid:token" of the process running it
-    Column("heartbeat_at", DateTime(timezone=True)),
+    Column("owner", String(255), index=True),  # worker holding the lease while it runs
+    Column("heartbeat_at", DateTime(timezone=True)),  # unused since migration 2
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("task_id", String(64)),  # Celery task of the job's head stages
 )
 
 candidates = Table(
@@ -116,6 +112,11 @@ candidates = Table(
     Column("s_per_row", Float),
     Column("training_s", Float),
     Column("examples_per_s", Float),
+    Column("owner", String(255), index=True),  # lease holder while its stages run
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("worker", String(255)),  # who ran it (kept after the lease ends)
+    Column("queue", String(255)),
+    Column("task_id", String(64)),
 )
 
 evaluations = Table(
@@ -134,8 +135,9 @@ evaluations = Table(
     Column("progress", Float, nullable=False, default=0.0),
     Column("nmp_uri", Text),
     Column("mlflow_uri", Text),
-    Column("predictions_path", Text),
+    Column("predictions_key", Text),
     Column("error", Text),
+    UniqueConstraint("candidate_id", "eval_type", name="ux_fw_evaluations_candidate_type"),
 )
 
 customizations = Table(
@@ -153,18 +155,25 @@ customizations = Table(
     Column("steps_completed", Integer, nullable=False, default=0),
     Column("nmp_uri", Text),
     Column("customized_model", Text),
-    Column("adapter_path", Text),
+    Column("adapter_key", Text),
     Column("metrics", JSON),
     Column("error", Text),
+    UniqueConstraint("candidate_id", name="ux_fw_customizations_candidate"),
 )
 
-
-def _create_v1(conn) -> None:
-    metadata.create_all(conn, tables=[jobs, candidates, evaluations, customizations])
-
-
-# Numbered migrations, applied in order; never edit a shipped one, append the next.
-MIGRATIONS: dict[int, Callable] = {1: _create_v1}
+workers = Table(
+    "fw_workers",
+    metadata,
+    Column("name", String(255), primary_key=True),  # the lease owner tag
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("runner", String(16), nullable=False),  # threads | celery | api
+    Column("queues", JSON),
+    Column("device", String(32)),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+    Column("stopped_at", DateTime(timezone=True)),
+)
 
 
 def new_job_id() -> str:
@@ -192,7 +201,7 @@ class FlywheelDB:
 
     def __init__(self, url: str, *, engine: Engine | None = None):
         self.url = url
-        self.engine = engine or _make_engine(url)
+        self.engine = engine or make_engine(url)
         self.migrate()
 
     @contextmanager
@@ -206,54 +215,29 @@ class FlywheelDB:
 
     def migrate(self) -> int:
         """Bring the schema to ``SCHEMA_VERSION``; returns the version found before."""
-        # Several processes (API, tests, workers) may open the same PostgreSQL at once: a
-        # concurrent CREATE loses the race with an IntegrityError, and the retry sees the tables.
-        for attempt in range(3):
-            try:
-                return self._migrate_once()
-            except (IntegrityError, DBAPIError):
-                if attempt == 2:
-                    raise
-        return SCHEMA_VERSION  # pragma: no cover - unreachable
-
-    def _migrate_once(self) -> int:
-        with self.engine.begin() as conn:
-            metadata.create_all(conn, tables=[schema_version])
-            done = {row[0] for row in conn.execute(select(schema_version.c.version))}
-            before = max(done, default=0)
-            for version in sorted(MIGRATIONS):
-                if version not in done:
-                    MIGRATIONS[version](conn)
-                    row = {"version": version, "applied_at": utcnow()}
-                    conn.execute(insert(schema_version).values(**row))
-        return before
+        return migrate(self.engine, VERSION_TABLE, MIGRATIONS)
 
     def dispose(self) -> None:
         self.engine.dispose()
 
 
-def _make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True
-        )
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record):
-            # WAL lets the API read job state while a runner thread writes progress.
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        return engine
-    return create_engine(url, pool_pre_ping=True)
-
-
 def open_flywheel_db(settings: Settings) -> FlywheelDB:
     """The flywheel DB of these settings (``settings.db_url``, the log store's database)."""
     return FlywheelDB(settings.db_url)
+
+
+def close_unfinished(
+    conn, job_id: str, status: str, error: str, now: datetime, *, candidate_id: int | None = None
+) -> None:
+    """Give every unfinished candidate / evaluation / customization of a job (or of one of
+    its candidates) a final ``status`` with ``error``: the cascade of cancel, shutdown and an
+    expired lease."""
+    for table in (evaluations, customizations, candidates):
+        query = update(table).where(table.c.job_id == job_id, table.c.status.not_in(FINISHED))
+        key = table.c.id if table is candidates else table.c.candidate_id
+        if candidate_id is not None:
+            query = query.where(key == candidate_id)
+        values = {"status": status, "error": error, "finished_at": now}
+        if table is candidates:
+            values["deployment_status"] = "cancelled" if status == "cancelled" else "failed"
+        conn.execute(query.values(**values))

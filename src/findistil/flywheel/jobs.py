@@ -6,30 +6,26 @@ upstream's JSON shapes (REFERENCE §8) plus findistil's additions (full ``scores
 figures, the recommendation, ``progress``). User mistakes raise ``findistil.errors``
 exceptions carrying upstream's messages; the API maps them to 400/404.
 
-Also here: who owns a running job (``process_owner``) and ``recover_interrupted``, which a
-process calls on start so no job stays ``running`` after its worker died.
+Also here: ``served_models`` (the tuned students ``/v1`` can answer with) and
+``recover_interrupted`` (reap what silent processes left running; ``flywheel/leases.py``).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
-import shutil
-import socket
-from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
 
-from findistil.config import Settings, merge_split_config
+from findistil.artifacts import ArtifactStore, job_key
+from findistil.config import JobConfig, Settings
 from findistil.errors import DataError, FindistilError, JobStateError, NotFound
 from findistil.flywheel.db import (
     FINISHED,
     FlywheelDB,
     as_utc,
     candidates,
+    close_unfinished,
     customizations,
     evaluations,
     iso,
@@ -37,12 +33,13 @@ from findistil.flywheel.db import (
     new_job_id,
     utcnow,
 )
+from findistil.flywheel.leases import live_lease, reap_expired
+from findistil.flywheel.stages import CANCELLED_BY_USER, candidate_results
+from findistil.recommend import recommend
+from findistil.serving import ServedModel
+from findistil.students import answers_untuned
 
-CANCELLED_BY_USER = "Job cancelled by user"
-INTERRUPTED = "interrupted: the worker stopped while the job was running"
-HEARTBEAT_STALE_S = 300.0  # a job owned by another host with no progress write for this long
-_JOB_ID = re.compile(r"^[0-9a-f]{24}$")
-_TOKEN = secrets.token_hex(4)  # tells this process from an earlier one that had the same pid
+_JOB_ID = re.compile(r"[0-9a-f]{24}")
 
 
 class InvalidJobId(FindistilError):
@@ -53,42 +50,9 @@ class InvalidJobId(FindistilError):
 
 def validate_job_id(job_id: str) -> str:
     """Return ``job_id`` if it has upstream's ObjectId format, else raise ``InvalidJobId``."""
-    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
         raise InvalidJobId("Invalid job_id format")
     return job_id
-
-
-# -- ownership: which process runs a job --------------------------------------------------
-def process_owner() -> str:
-    """This process's owner tag, ``host:pid:token``, written on the jobs it claims."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_TOKEN}"
-
-
-def owner_alive(owner: str | None, heartbeat_at: datetime | None, *, stale_after_s: float) -> bool:
-    """Is the process that claimed a job still there? Same host: ask the OS about its pid.
-
-    Another host (a Celery worker, another container) cannot be asked, so its job counts as
-    alive while it keeps writing heartbeats (every progress write refreshes ``heartbeat_at``).
-    """
-    if not owner:
-        return False
-    host, _, rest = owner.partition(":")
-    pid_text, _, token = rest.partition(":")
-    if host != socket.gethostname():
-        beat = as_utc(heartbeat_at)
-        return beat is not None and utcnow() - beat < timedelta(seconds=stale_after_s)
-    if not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return token == _TOKEN
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, belongs to someone else
-        return True
-    return True
 
 
 # -- create / list / show ------------------------------------------------------------------
@@ -110,20 +74,16 @@ def create_job(
     Returns: ``{"id", "status": "pending", "message": "NIM workflow started"}``.
     Example: ``create_job(db, store, settings, "news_classifier", "demo", {"eval_size": 20})``.
     """
-    split = merge_split_config(settings.data_split_config, data_split_config)
+    config = settings.job_config(data_split_config)  # frozen: stages read only this
+    split = config.data_split_config
     found = store.count(workload_id, client_id)
     if found < split.min_total_records:
         raise DataError(
             f"workload_id {workload_id!r} / client_id {client_id!r} has {found} records, "
             f"fewer than data_split_config.min_total_records={split.min_total_records}: "
-            "load more records (findistil logs load) or lower min_total_records"
+            "load more records (findistil load FILE) or lower min_total_records"
         )
     job_id = new_job_id()
-    config = {
-        "data_split_config": split.model_dump(),
-        "nims": [nim.model_dump() for nim in settings.nims],
-        "recommendation_tolerance": settings.recommendation_tolerance,
-    }
     with db.begin() as conn:
         conn.execute(
             jobs.insert().values(
@@ -133,7 +93,7 @@ def create_job(
                 status="pending",
                 created_at=utcnow(),
                 datasets=[],
-                config=config,
+                config=config.model_dump(mode="json"),
             )
         )
     return {"id": job_id, "status": "pending", "message": "NIM workflow started"}
@@ -196,7 +156,7 @@ def predictions_url(job_id: str, eval_id: int) -> str:
 
 
 def _evaluation(job_id: str, row) -> dict:
-    has_predictions = bool(row.predictions_path) and Path(row.predictions_path).is_file()
+    has_predictions = row.status == "completed" and bool(row.predictions_key)
     return {
         "id": row.id,
         "eval_type": row.eval_type,
@@ -225,7 +185,7 @@ def _customization(row) -> dict:
         "steps_completed": row.steps_completed,
         "nmp_uri": row.nmp_uri,
         "customized_model": row.customized_model,
-        "adapter_path": row.adapter_path,
+        "adapter_key": row.adapter_key,
         "metrics": row.metrics,
         "error": row.error,
     }
@@ -262,6 +222,8 @@ def get_job(db: FlywheelDB, job_id: str) -> dict:
                 "finished_at": iso(cand.finished_at),
                 "runtime_seconds": cand.runtime_seconds,
                 "error": cand.error,
+                "worker": cand.worker,
+                "queue": cand.queue,
                 "params": cand.params,
                 "dtype": cand.dtype,
                 "device": cand.device,
@@ -275,10 +237,10 @@ def get_job(db: FlywheelDB, job_id: str) -> dict:
                 "customizations": [_customization(c) for c in customs if c.candidate_id == cand.id],
             }
         )
-    tolerance = float((job.config or {}).get("recommendation_tolerance", 0.02))
+    config = JobConfig.model_validate(job.config or {})
     recommendation = job.recommendation
-    if recommendation is None and job.status not in FINISHED:
-        recommendation = recommend(nims, tolerance)  # live view while candidates finish
+    if recommendation is None and job.status not in FINISHED:  # live, while candidates finish
+        recommendation = recommend(candidate_results(db, job_id), config.recommendation_tolerance)
     recommended = recommendation["model_name"] if recommendation else None
     for nim in nims:
         nim["recommended"] = nim["model_name"] == recommended
@@ -298,7 +260,8 @@ def get_job(db: FlywheelDB, job_id: str) -> dict:
         "error": job.error,
         "progress": job_progress(job.status, nims),
         "recommendation": recommendation,
-        "data_split_config": (job.config or {}).get("data_split_config"),
+        "data_split_config": config.data_split_config.model_dump(),
+        "config": job.config,
     }
 
 
@@ -321,99 +284,42 @@ def job_progress(status: str, nims: list[dict]) -> float:
     return round(min(100.0, 100.0 * done / total), 1)
 
 
-# -- recommendation ------------------------------------------------------------------------
-def _macro_f1(evaluation: dict) -> float | None:
-    scores = evaluation.get("scores") or {}
-    value = scores.get("macro_f1", scores.get("f1_score"))
-    return float(value) if isinstance(value, int | float) else None
-
-
-def recommend(nims: list[dict], tolerance: float) -> dict | None:
-    """The cheapest candidate whose macro-F1 is within ``tolerance`` of the best one.
-
-    Each candidate is judged by its customized eval, or its best eval when it has none.
-    Cost is the measured seconds per row of inference (then parameter count on a tie);
-    ``relative_cost`` gives every candidate's s/row divided by the recommended one's.
-    """
-    scored = []
-    for nim in nims:
-        evals = [e for e in nim["evaluations"] if _macro_f1(e) is not None]
-        if not evals:
-            continue
-        custom = [e for e in evals if e["eval_type"] == "customized-eval"]
-        chosen = custom[0] if custom else max(evals, key=_macro_f1)
-        s_per_row = nim.get("s_per_row") or _s_per_row(chosen)
-        scored.append((nim, chosen, _macro_f1(chosen), s_per_row))
-    if not scored:
-        return None
-    best_nim, best_eval, best_f1, _ = max(scored, key=lambda t: t[2])
-    within = [t for t in scored if t[2] >= best_f1 - tolerance]
-    inf = float("inf")
-    nim, chosen, f1, s_per_row = min(
-        within, key=lambda t: (t[3] if t[3] else inf, t[0].get("params") or inf)
-    )
-    relative = {
-        other["model_name"]: round(s / s_per_row, 3) for other, _, _, s in scored if s and s_per_row
-    }
-    cost_1k = s_per_row * 1000 if s_per_row else None
-    others = [f"{m} {r:.2g}x" for m, r in relative.items() if m != nim["model_name"]]
-    reason = (
-        f"cheapest candidate within {tolerance:g} macro-F1 of the best "
-        f"({best_nim['model_name']} {best_eval['eval_type']}: {best_f1:.3f}); "
-        f"{nim['model_name']} {chosen['eval_type']} scores {f1:.3f}"
-    )
-    if cost_1k is not None:
-        reason += f" at {cost_1k:.1f} s per 1k rows"
-    if others:
-        reason += " (others cost " + ", ".join(others) + " as much)"
-    return {
-        "model_name": nim["model_name"],
-        "eval_type": chosen["eval_type"],
-        "macro_f1": f1,
-        "best_model_name": best_nim["model_name"],
-        "best_macro_f1": best_f1,
-        "tolerance": tolerance,
-        "s_per_row": s_per_row,
-        "cost_per_1k_rows_s": cost_1k,
-        "params": nim.get("params"),
-        "relative_cost": relative,
-        "reason": reason,
-    }
-
-
-def _s_per_row(evaluation: dict) -> float | None:
-    rate = (evaluation.get("scores") or {}).get("rows_per_s")
-    return 1.0 / rate if isinstance(rate, int | float) and rate > 0 else None
-
-
 # -- cancel / delete / predictions ---------------------------------------------------------
 def cancel_job(db: FlywheelDB, job_id: str) -> dict:
-    """Mark a pending/running job cancelled; its stages notice within ~a second and stop."""
+    """Mark a pending/running job cancelled, and every unfinished child with it (rows a dead
+    process owned too); running stages notice within ~a second and stop."""
+    now = utcnow()
     with db.begin() as conn:
         _load_job(conn, job_id)
         changed = conn.execute(
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.status.in_(("pending", "running")))
-            .values(status="cancelled", finished_at=utcnow(), error=CANCELLED_BY_USER)
+            .values(status="cancelled", finished_at=now, error=CANCELLED_BY_USER)
         ).rowcount
+        if changed:
+            close_unfinished(conn, job_id, "cancelled", CANCELLED_BY_USER, now)
     if not changed:
         raise JobStateError("Cannot cancel a job that has already finished.")
     return {"id": job_id, "message": "Job cancellation initiated successfully."}
 
 
-def delete_job(db: FlywheelDB, settings: Settings, job_id: str) -> dict:
-    """Delete a finished job: its folder (datasets, adapters, predictions) and its rows.
+def delete_job(db: FlywheelDB, artifacts: ArtifactStore, job_id: str) -> dict:
+    """Delete a finished job: its artefacts (datasets, adapters, predictions) and its rows.
 
-    Refused while the job runs, and while a cancelled job's worker is still stopping (its
-    owner is alive), so no file is removed under a stage that still writes it.
+    Refused while the job runs, and while a cancelled job's worker still holds a lease on it
+    (it is stopping), so no file is removed under a stage that still writes it.
     """
     with db.begin() as conn:
         job = _load_job(conn, job_id)
-    if job.status not in FINISHED or owner_alive(
-        job.owner, job.heartbeat_at, stale_after_s=HEARTBEAT_STALE_S
-    ):
+    if job.status not in FINISHED:
         raise JobStateError("Cannot delete a running job. Please cancel the job first.")
-    remove_job_files(settings, job_id)
+    holder = live_lease(db, job_id)
+    if holder is not None:
+        raise JobStateError(
+            f"Job {job_id} is {job.status} but worker {holder} is still stopping its stages: "
+            "try again in a few seconds."
+        )
+    artifacts.delete(job_key(validate_job_id(job_id)))
     with db.begin() as conn:
         for table in (evaluations, customizations, candidates, jobs):
             key = table.c.id if table is jobs else table.c.job_id
@@ -424,21 +330,8 @@ def delete_job(db: FlywheelDB, settings: Settings, job_id: str) -> dict:
     }
 
 
-def job_dir(settings: Settings, job_id: str) -> Path:
-    """``jobs_dir/<job_id>``: every artefact of one job lives below it, nothing else."""
-    return settings.jobs_dir / validate_job_id(job_id)
-
-
-def remove_job_files(settings: Settings, job_id: str) -> None:
-    folder = job_dir(settings, job_id).resolve()
-    root = settings.jobs_dir.resolve()
-    if folder.parent != root:  # a symlinked or odd path must never widen the delete
-        raise JobStateError(f"refusing to delete {folder}: it is not a job folder under {root}")
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def predictions_path(db: FlywheelDB, job_id: str, eval_id: int) -> Path:
-    """The predictions JSONL of one evaluation of a job (``NotFound`` when absent)."""
+def predictions_key(db: FlywheelDB, artifacts: ArtifactStore, job_id: str, eval_id: int) -> str:
+    """The artefact key of one evaluation's predictions JSONL (``NotFound`` when absent)."""
     with db.begin() as conn:
         _load_job(conn, job_id)
         row = conn.execute(
@@ -446,53 +339,73 @@ def predictions_path(db: FlywheelDB, job_id: str, eval_id: int) -> Path:
         ).first()
     if row is None:
         raise NotFound(f"Evaluation {eval_id} not found in job {job_id}")
-    path = Path(row.predictions_path) if row.predictions_path else None
-    if path is None or not path.is_file():
+    if not artifacts.exists(row.predictions_key):
         raise NotFound(f"Evaluation {eval_id} of job {job_id} has no predictions (yet)")
-    return path
+    return row.predictions_key
 
 
-# -- restart recovery ----------------------------------------------------------------------
-def recover_interrupted(db: FlywheelDB, *, stale_after_s: float = HEARTBEAT_STALE_S) -> int:
-    """Fail jobs left ``running`` by a process that is gone; returns how many.
+def recover_interrupted(db: FlywheelDB) -> int:
+    """Fail what processes whose leases ran out left running; returns the jobs touched.
 
-    Pending jobs were never started and stay queued. A finished job whose dead owner tag
-    is still set gets it cleared, so it can be deleted.
+    Every live process calls this on start and, through its ``LeaseKeeper``, every few
+    seconds; a job whose last candidate was reaped is finalized here too.
     """
-    with db.begin() as conn:
-        rows = conn.execute(
-            select(jobs.c.id, jobs.c.status, jobs.c.owner, jobs.c.heartbeat_at).where(
-                jobs.c.owner.is_not(None) | (jobs.c.status == "running")
-            )
-        ).all()
-    failed = 0
-    for row in rows:
-        if owner_alive(row.owner, row.heartbeat_at, stale_after_s=stale_after_s):
-            continue
-        now = utcnow()
-        with db.begin() as conn:
-            if row.status == "running":
-                failed += conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == row.id, jobs.c.status == "running")
-                    .values(status="failed", error=INTERRUPTED, finished_at=now, owner=None)
-                ).rowcount
-                _close_children(conn, row.id, "failed", INTERRUPTED, now)
-            else:
-                conn.execute(update(jobs).where(jobs.c.id == row.id).values(owner=None))
-    return failed
+    from findistil.flywheel.graph import finish_job_if_done
+
+    before = count_jobs(db, status="failed")
+    for job_id in reap_expired(db):
+        finish_job_if_done(db, job_id)
+    return max(0, count_jobs(db, status="failed") - before)
 
 
-def _close_children(conn, job_id: str, status: str, error: str, now: datetime) -> None:
-    """Give every unfinished candidate/eval/customization of a job a final status."""
-    for table in (evaluations, customizations):
-        conn.execute(
-            update(table)
-            .where(table.c.job_id == job_id, table.c.status.not_in(FINISHED))
-            .values(status=status, error=error, finished_at=now)
+# -- serving: which tuned students can answer ----------------------------------------------
+def served_models(db: FlywheelDB, artifacts: ArtifactStore) -> list[ServedModel]:
+    """Every tuned artefact of a completed customization (newest first), then their bases.
+
+    An artefact whose files are gone (``jobs delete``) is not listed: it cannot answer.
+    """
+    query = (
+        select(
+            customizations.c.customized_model,
+            customizations.c.adapter_key,
+            customizations.c.finished_at,
+            customizations.c.job_id,
+            candidates.c.model_name,
+            candidates.c.kind,
         )
-    conn.execute(
-        update(candidates)
-        .where(candidates.c.job_id == job_id, candidates.c.status.not_in(FINISHED))
-        .values(status=status, error=error, finished_at=now, deployment_status=status)
+        .join(candidates, customizations.c.candidate_id == candidates.c.id)
+        .where(
+            customizations.c.status == "completed",
+            customizations.c.customized_model.is_not(None),
+            customizations.c.adapter_key.is_not(None),
+        )
+        .order_by(customizations.c.finished_at.desc(), customizations.c.id.desc())
+    )
+    with db.begin() as conn:
+        rows = conn.execute(query).all()
+    tuned: list[ServedModel] = []
+    bases: dict[str, ServedModel] = {}
+    for row in rows:
+        if not artifacts.exists(row.adapter_key):
+            continue
+        finished = as_utc(row.finished_at)
+        created = int(finished.timestamp()) if finished else 0
+        kind = row.kind or "auto"
+        path = artifacts.path(row.adapter_key)
+        tuned.append(
+            ServedModel(row.customized_model, row.model_name, kind, path, created, row.job_id)
+        )
+        if answers_untuned(kind) and row.model_name not in bases:
+            bases[row.model_name] = ServedModel(row.model_name, row.model_name, kind, None, 0)
+    return tuned + list(bases.values())
+
+
+def find_served_model(db: FlywheelDB, artifacts: ArtifactStore, model_id: str) -> ServedModel:
+    """The servable model called ``model_id``; ``NotFound`` says where the choices are listed."""
+    for model in served_models(db, artifacts):
+        if model.id == model_id:
+            return model
+    raise NotFound(
+        f"The model {model_id!r} does not exist: GET /v1/models lists the tuned students of "
+        "completed jobs and their bases"
     )

@@ -1,20 +1,25 @@
-"""The flywheel's stages: plain functions over the job DB, ``stage(ctx, job_id[, candidate_id])``.
+"""The flywheel's stages: plain functions of ids over the job DB and the artefact store.
 
 ``initialize`` → ``create_datasets`` → per candidate ``prepare`` (load weights; upstream's
 deploy) → ``base_eval`` / ``icl_eval`` / ``customization`` → ``customized_eval`` → ``release``
-(upstream's shutdown) → ``finalize``. Each stage reads what it needs from the DB and the job's
-folder and writes its outcome back, so a runner (threads here, Celery later) only decides
-where and when they run; the order lives in ``runner.run_job_stages``.
+(upstream's shutdown) → ``finalize``; the order lives in ``flywheel/graph.py``. A stage reads
+everything from the job's row (its frozen ``JobConfig``), the candidate's rows and the
+artefact store, and keeps nothing in memory for the next one: the student comes from the
+per-process ``StudentCache``, so any stage can run in any process.
 
-A stage that fails records the error on its own evaluation/customization row and re-raises;
-a stage that sees ``should_stop()`` raises ``Cancelled`` and removes what it half wrote.
-Artefacts: ``jobs_dir/<job>/datasets`` and ``jobs_dir/<job>/candidates/<n>/{adapter,<eval_type>}``.
+Stages are idempotent: each writes its own row (one per candidate and eval type, one
+customization per candidate) by upsert, and a stage whose row is already ``completed`` with
+its artefact in place returns what it stored. Running a stage twice leaves the same rows.
+
+A stage that fails records the error on its row and re-raises; a stage that sees
+``should_stop()`` raises ``Cancelled`` and removes what it half wrote. Final writes are
+conditional on the row still ``running``, so a cancel or a reaped lease that closed it wins.
+Artefact keys: ``jobs/<job>/datasets/...``, ``jobs/<job>/candidates/<n>/{adapter,<eval_type>}``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,12 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
-from findistil.config import DataSplitConfig, NimConfig, Settings
+from findistil.artifacts import ArtifactStore, job_key, staged_dir
+from findistil.config import CandidateConfig, JobConfig, Settings
 from findistil.errors import Cancelled, FindistilError
-from findistil.flywheel import jobs as service
+from findistil.flywheel import leases
 from findistil.flywheel.db import (
     FlywheelDB,
+    as_utc,
     candidates,
     customizations,
     evaluations,
@@ -35,9 +43,14 @@ from findistil.flywheel.db import (
     utcnow,
 )
 from findistil.progress import Progress, ProgressFn, no_progress
+from findistil.recommend import CandidateResult, EvalResult, recommend
+from findistil.students import answers_untuned
+from findistil.students.cache import StudentCache, shared_cache
 
+CANCELLED_BY_USER = "Job cancelled by user"
 STOP_CHECK_S = 0.5  # should_stop reads the job's status at most this often
 PROGRESS_WRITE_S = 0.5  # progress rows are written at most this often (plus the last report)
+DATASET_FILES = ("eval_data.jsonl", "training/train_data.jsonl", "validation/val_data.jsonl")
 
 
 class JobFailed(FindistilError):
@@ -59,92 +72,111 @@ def describe(exc: BaseException) -> str:
 
 @dataclass
 class StageContext:
-    """What stages share while one process runs a job: settings, DB, loaded students."""
+    """How this process takes part: its own settings (home, model cache, device, artefact
+    root; never a job's settings), the DB, the artefact store, the student cache and its
+    lease owner tag. Nothing about a job is kept here between stages."""
 
     settings: Settings
     db: FlywheelDB
+    artifacts: ArtifactStore | None = None
+    cache: StudentCache | None = None
+    worker: str = field(default_factory=leases.worker_name)
     progress: ProgressFn = no_progress
     shutdown: threading.Event = field(default_factory=threading.Event)
-    students: dict[int, Any] = field(default_factory=dict)
-    _stop_cache: dict[str, tuple[float, bool]] = field(default_factory=dict)
-    _data_cache: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    _stop_cache: dict[tuple, tuple[float, bool]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def should_stop(self, job_id: str) -> bool:
-        """True once the job was cancelled (or the worker shuts down); one cheap query / 0.5 s."""
+    def __post_init__(self) -> None:
+        self.artifacts = self.artifacts or ArtifactStore(self.settings.artifacts_root)
+        self.cache = self.cache or shared_cache(self.settings.student_cache_size)
+
+    def should_stop(self, job_id: str, candidate_id: int | None = None) -> bool:
+        """True once the job was cancelled, this process shuts down, or it lost the
+        candidate's lease (a reaper failed it); one cheap query per 0.5 s."""
         if self.shutdown.is_set():
             return True
-        now = time.monotonic()
+        key, now = (job_id, candidate_id), time.monotonic()
         with self._lock:
-            checked, stop = self._stop_cache.get(job_id, (-1e9, False))
+            checked, stop = self._stop_cache.get(key, (-1e9, False))
         if stop or now - checked < STOP_CHECK_S:
             return stop
         with self.db.begin() as conn:
             status = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar()
-        stop = status != "running"
+            stop = status != "running"
+            if candidate_id is not None and not stop:
+                owner = conn.execute(
+                    select(candidates.c.owner).where(candidates.c.id == candidate_id)
+                ).scalar()
+                stop = owner != self.worker
         with self._lock:
-            self._stop_cache[job_id] = (now, stop)
+            self._stop_cache[key] = (now, stop)
         return stop
 
-    def stopper(self, job_id: str):
-        return lambda: self.should_stop(job_id)
+    def stopper(self, job_id: str, candidate_id: int | None = None):
+        return lambda: self.should_stop(job_id, candidate_id)
 
-    def check(self, job_id: str) -> None:
-        if self.should_stop(job_id):
+    def check(self, job_id: str, candidate_id: int | None = None) -> None:
+        if self.should_stop(job_id, candidate_id):
             raise Cancelled(f"job {job_id} was stopped")
 
-    def datasets(self, job_id: str) -> tuple[list[dict], list[dict], list[dict]]:
-        """(eval, train, val) rows of the job. The files are read once, but every call parses
-        fresh dicts, so a stage that mutates rows cannot leak into the next candidate."""
-        with self._lock:
-            texts = self._data_cache.get(job_id)
-        if texts is None:
-            folder = datasets_dir(self.settings, job_id)
-            texts = tuple(
-                path.read_text() if path.is_file() else ""
-                for path in (
-                    folder / "eval_data.jsonl",
-                    folder / "training" / "train_data.jsonl",
-                    folder / "validation" / "val_data.jsonl",
-                )
-            )
-            with self._lock:
-                self._data_cache[job_id] = texts
-        return tuple(_parse_jsonl(text) for text in texts)
+    def stop_reason(self) -> str:
+        """The error of rows this process stops: a user's cancel, or its own shutdown."""
+        return leases.shut_down(self.worker) if self.shutdown.is_set() else CANCELLED_BY_USER
 
     def forget(self, job_id: str) -> None:
         with self._lock:
-            self._stop_cache.pop(job_id, None)
-            self._data_cache.pop(job_id, None)
+            for key in [k for k in self._stop_cache if k[0] == job_id]:
+                del self._stop_cache[key]
 
 
-def _parse_jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+# -- reading a job -------------------------------------------------------------------------
+def _job(db: FlywheelDB, job_id: str):
+    with db.begin() as conn:
+        return conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
 
 
-def datasets_dir(settings: Settings, job_id: str) -> Path:
-    return service.job_dir(settings, job_id) / "datasets"
+def _candidate(ctx: StageContext, candidate_id: int):
+    with ctx.db.begin() as conn:
+        return conn.execute(select(candidates).where(candidates.c.id == candidate_id)).one()
 
 
-def candidate_dir(settings: Settings, job_id: str, position: int) -> Path:
-    return service.job_dir(settings, job_id) / "candidates" / str(position)
+def job_config(db: FlywheelDB, job_id: str) -> JobConfig:
+    """The config frozen on the job when it was created: the only one stages read."""
+    return JobConfig.model_validate(_job(db, job_id).config or {})
+
+
+def candidate_config(ctx: StageContext, job_id: str, position: int) -> CandidateConfig:
+    return job_config(ctx.db, job_id).nims[position]
+
+
+def datasets(ctx: StageContext, job_id: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(eval, train, val) rows of the job, parsed fresh from the artefact store on each
+    call, so a stage that mutates rows cannot leak into the next candidate."""
+    out = []
+    for name in DATASET_FILES:
+        key = job_key(job_id, "datasets", name)
+        text = ctx.artifacts.read_text(key) if ctx.artifacts.exists(key) else ""
+        out.append([json.loads(line) for line in text.splitlines() if line.strip()])
+    return tuple(out)
+
+
+def _set(ctx: StageContext, table, row_id, *, only_running: bool = False, **values) -> int:
+    query = update(table).where(table.c.id == row_id)
+    if only_running:
+        query = query.where(table.c.status == "running")
+    with ctx.db.begin() as conn:
+        return conn.execute(query.values(**values)).rowcount
 
 
 class RowProgress:
     """A ProgressFn that stores a stage's progress on its DB row (throttled) and forwards it."""
 
-    def __init__(self, ctx: StageContext, table, row_id: int, job_id: str, label: str):
-        self.ctx, self.table, self.row_id, self.job_id, self.label = (
-            ctx,
-            table,
-            row_id,
-            job_id,
-            label,
-        )
+    def __init__(self, ctx: StageContext, table, row_id: int, label: str):
+        self.ctx, self.table, self.row_id, self.label = ctx, table, row_id, label
         self._last = 0.0
 
     def __call__(self, p: Progress) -> None:
-        self.ctx.progress(Progress(f"{self.label}", p.done, p.total, dict(p.info)))
+        self.ctx.progress(Progress(self.label, p.done, p.total, dict(p.info)))
         now = time.monotonic()
         final = p.total is not None and p.done >= p.total
         if not final and now - self._last < PROGRESS_WRITE_S:
@@ -155,39 +187,22 @@ class RowProgress:
             for key in ("epochs_completed", "steps_completed"):
                 if isinstance(p.info.get(key), int):
                     values[key] = p.info[key]
-        with self.ctx.db.begin() as conn:
-            conn.execute(update(self.table).where(self.table.c.id == self.row_id).values(**values))
-            conn.execute(update(jobs).where(jobs.c.id == self.job_id).values(heartbeat_at=utcnow()))
-
-
-def _job(ctx: StageContext, job_id: str):
-    with ctx.db.begin() as conn:
-        return conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
-
-
-def _candidate(ctx: StageContext, candidate_id: int):
-    with ctx.db.begin() as conn:
-        return conn.execute(select(candidates).where(candidates.c.id == candidate_id)).one()
-
-
-def _set(ctx: StageContext, table, row_id, **values) -> None:
-    with ctx.db.begin() as conn:
-        conn.execute(update(table).where(table.c.id == row_id).values(**values))
+        _set(self.ctx, self.table, self.row_id, only_running=True, **values)
 
 
 # -- job-level stages ----------------------------------------------------------------------
 def initialize(ctx: StageContext, job_id: str) -> list[int]:
-    """Create the candidate rows from the job's stored ``nims``; returns their ids in order."""
-    job = _job(ctx, job_id)
+    """Create the candidate rows from the job's frozen ``nims``; returns their ids in order."""
+    config = job_config(ctx.db, job_id)
     with ctx.db.begin() as conn:
-        existing = conn.execute(
-            select(candidates.c.id).where(candidates.c.job_id == job_id).order_by("position")
-        ).scalars()
-        ids = list(existing)
+        ids = list(
+            conn.execute(
+                select(candidates.c.id).where(candidates.c.job_id == job_id).order_by("position")
+            ).scalars()
+        )
         if ids:  # idempotent: a second call keeps the rows it made
             return ids
-        for position, raw in enumerate((job.config or {}).get("nims", [])):
-            nim = NimConfig.model_validate(raw)
+        for position, nim in enumerate(config.nims):
             ids.append(
                 conn.execute(
                     candidates.insert().values(
@@ -196,6 +211,7 @@ def initialize(ctx: StageContext, job_id: str) -> list[int]:
                         model_name=nim.model_name,
                         kind=nim.kind,
                         customization_enabled=nim.customization_enabled,
+                        queue=nim.queue,
                         status="pending",
                         deployment_status="created",
                     )
@@ -205,165 +221,199 @@ def initialize(ctx: StageContext, job_id: str) -> list[int]:
 
 
 def create_datasets(ctx: StageContext, job_id: str) -> None:
-    """Curate the workload's records into the job's datasets folder; failure fails the job."""
+    """Curate the workload's records into the job's datasets; failure fails the job.
+
+    Done once per job: a re-run finds the datasets in place and keeps them, so a retried job
+    never sees records that were logged after it started.
+    """
     from findistil.curate import curate_workload
     from findistil.logstore import open_logstore
 
-    job = _job(ctx, job_id)
-    split = DataSplitConfig.model_validate((job.config or {}).get("data_split_config") or {})
-    out = datasets_dir(ctx.settings, job_id)
-    shutil.rmtree(out, ignore_errors=True)  # a rerun starts from a clean folder
+    job = _job(ctx.db, job_id)
+    if job.datasets and all(ctx.artifacts.exists(d.get("nmp_uri")) for d in job.datasets):
+        return
+    config = job_config(ctx.db, job_id)
+    target = ctx.artifacts.path(job_key(job_id, "datasets"))
     store = open_logstore(ctx.settings)
     try:
         ctx.check(job_id)
-        data = curate_workload(
-            store,
-            job.workload_id,
-            job.client_id,
-            split,
-            out_dir=out,
-            workload_type=ctx.settings.evaluation_config.workload_type,
-            progress=lambda p: ctx.progress(Progress("datasets", p.done, p.total, dict(p.info))),
-        )
+        with staged_dir(target) as tmp:
+            data = curate_workload(
+                store,
+                job.workload_id,
+                job.client_id,
+                config.data_split_config,
+                out_dir=tmp,
+                workload_type=config.evaluation_config.workload_type,
+                progress=lambda p: ctx.progress(Progress("datasets", p.done, p.total, p.info)),
+            )
     except Cancelled:
-        shutil.rmtree(out, ignore_errors=True)
         raise
     except Exception as exc:
-        shutil.rmtree(out, ignore_errors=True)
         raise JobFailed(describe(exc)) from exc
     finally:
-        close = getattr(store, "close", None) or getattr(store, "dispose", None)
-        if callable(close):
-            close()
-    counts = dict(data.counts)
-    datasets = []
-    for name, key in (("eval", "eval"), ("train", "train"), ("val", "val")):
+        store.close()
+    rows = []
+    for name in ("eval", "train", "val"):
         path = data.paths.get(name)
-        datasets.append(
+        key = job_key(job_id, "datasets", *Path(path).relative_to(tmp).parts) if path else None
+        rows.append(
             {
                 "name": f"flywheel-{name}-{job.workload_id}-{job_id}",
-                "num_records": counts.get(key),
-                "nmp_uri": Path(path).resolve().as_uri() if path else None,
+                "num_records": data.counts.get(name),
+                "nmp_uri": key,
             }
         )
-    _set(ctx, jobs, job_id, datasets=datasets, num_records=counts.get("total"))
+    _set(ctx, jobs, job_id, datasets=rows, num_records=data.counts.get("total"))
 
 
-def finalize(ctx: StageContext, job_id: str) -> str:
+def candidate_results(db: FlywheelDB, job_id: str) -> list[CandidateResult]:
+    """The typed results ``recommend`` judges, from the job's rows."""
+    with db.begin() as conn:
+        cands = conn.execute(
+            select(candidates).where(candidates.c.job_id == job_id).order_by("position")
+        ).all()
+        evals = conn.execute(
+            select(evaluations.c.candidate_id, evaluations.c.eval_type, evaluations.c.scores)
+            .where(evaluations.c.job_id == job_id, evaluations.c.status == "completed")
+            .order_by(evaluations.c.id)
+        ).all()
+    return [
+        CandidateResult(
+            c.model_name,
+            c.params,
+            c.s_per_row,
+            [EvalResult(e.eval_type, e.scores or {}) for e in evals if e.candidate_id == c.id],
+        )
+        for c in cands
+    ]
+
+
+def finalize(db: FlywheelDB, job_id: str) -> str:
     """Store the recommendation and end the job ``completed`` (``failed`` if no candidate
-    finished); a job cancelled meanwhile keeps its status. Returns the final status."""
-    detail = service.get_job(ctx.db, job_id)
-    tolerance = float((_job(ctx, job_id).config or {}).get("recommendation_tolerance", 0.02))
-    recommendation = service.recommend(detail["nims"], tolerance)
-    nims = detail["nims"]
-    status, error = "completed", None
-    if nims and all(n["status"] == "failed" for n in nims):
-        status, error = "failed", "every candidate failed; first error: " + str(nims[0]["error"])
-    with ctx.db.begin() as conn:
+    finished); a job cancelled or failed meanwhile keeps its status. Returns the status."""
+    tolerance = job_config(db, job_id).recommendation_tolerance
+    recommendation = recommend(candidate_results(db, job_id), tolerance)
+    with db.begin() as conn:
+        outcomes = conn.execute(
+            select(candidates.c.status, candidates.c.error)
+            .where(candidates.c.job_id == job_id)
+            .order_by(candidates.c.position)
+        ).all()
+        status, error = "completed", None
+        if outcomes and all(o.status != "completed" for o in outcomes):
+            status, error = "failed", f"every candidate failed; first error: {outcomes[0].error}"
         conn.execute(
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.status == "running")
-            .values(status=status, error=error, finished_at=utcnow(), recommendation=recommendation)
+            .values(
+                status=status,
+                error=error,
+                finished_at=utcnow(),
+                recommendation=recommendation,
+                owner=None,  # nothing of the job runs any more: it can be deleted at once
+                lease_expires_at=None,
+            )
         )
         return conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar_one()
 
 
 # -- candidate stages ----------------------------------------------------------------------
 def prepare(ctx: StageContext, job_id: str, candidate_id: int) -> list[str]:
-    """Load the candidate's weights (upstream: deploy the NIM); returns the planned stages."""
-    from findistil.students import load_student
-
+    """Load the candidate's weights into this process's cache (upstream: deploy the NIM);
+    returns the planned stages."""
     cand = _candidate(ctx, candidate_id)
-    nim = _nim(ctx, job_id, cand.position)
-    _set(
-        ctx,
-        candidates,
-        candidate_id,
-        status="running-evals",
-        deployment_status="pending",
-        started_at=utcnow(),
-    )
-    ctx.check(job_id)
+    nim = candidate_config(ctx, job_id, cand.position)
+    _set(ctx, candidates, candidate_id, deployment_status="pending")
+    ctx.check(job_id, candidate_id)
     try:
-        student = load_student(nim.model_name, nim.kind, ctx.settings)
+        with ctx.cache.use(nim.model_name, nim.kind, ctx.settings) as student:
+            plan = planned_stages(student, nim)
+            values = {
+                "kind": student.kind,
+                "params": int(getattr(student, "num_params", 0) or 0) or None,
+                "dtype": str(getattr(student, "dtype", "") or "") or None,
+                "device": str(getattr(student, "device", "") or "") or None,
+            }
     except Exception:
         _set(ctx, candidates, candidate_id, deployment_status="failed")
         raise
-    ctx.students[candidate_id] = student
-    plan = planned_stages(student, nim)
-    _set(
-        ctx,
-        candidates,
-        candidate_id,
-        deployment_status="ready",
-        kind=student.kind,
-        params=int(getattr(student, "num_params", 0) or 0) or None,
-        dtype=str(getattr(student, "dtype", "") or "") or None,
-        device=str(getattr(student, "device", "") or "") or None,
-        stages=plan,
-    )
+    _set(ctx, candidates, candidate_id, deployment_status="ready", stages=plan, **values)
     return plan
 
 
-def planned_stages(student, nim: NimConfig) -> list[str]:
-    """Which stages a candidate runs. Zero-shot evals need a generative student: an
-    encoder's head is untrained before customization, so it gets only the customized eval."""
-    zero_shot = getattr(student, "zero_shot", None)
-    if zero_shot is None:
-        zero_shot = student.kind == "causal_lm"
-    plan = ["base-eval", "icl-eval"] if zero_shot else []
+def planned_stages(student, nim: CandidateConfig) -> list[str]:
+    """Which stages a candidate runs. Zero-shot evals need a student that answers untuned
+    (its kind says so): an encoder's head exists only after customization."""
+    plan = ["base-eval", "icl-eval"] if answers_untuned(student.kind) else []
     if nim.customization_enabled:
         plan += ["customization", "customized-eval"]
     return plan
 
 
-def _nim(ctx: StageContext, job_id: str, position: int) -> NimConfig:
-    return NimConfig.model_validate(_job(ctx, job_id).config["nims"][position])
+def _start_row(ctx: StageContext, table, match: dict, fresh: dict):
+    """The stage's own row, reset to ``running`` (updated in place, or inserted once)."""
+    where = [getattr(table.c, k) == v for k, v in match.items()]
+    for _ in range(2):
+        with ctx.db.begin() as conn:
+            row_id = conn.execute(select(table.c.id).where(*where)).scalar()
+            if row_id is not None:
+                conn.execute(update(table).where(table.c.id == row_id).values(**fresh))
+                return row_id
+            try:
+                with conn.begin_nested():
+                    return conn.execute(
+                        table.insert().values(**match, **fresh)
+                    ).inserted_primary_key[0]
+            except IntegrityError:  # another process inserted it first: update that one
+                continue
+    raise FindistilError(f"could not claim the {table.name} row of {match}")
 
 
-def run_eval(
-    ctx: StageContext, job_id: str, candidate_id: int, eval_type: str, *, tuned: bool = False
-) -> dict:
-    """One evaluation of a loaded candidate (``tuned``: with its trained adapter); returns
-    its scores. Any failure, switching to the adapter included, lands on the eval's row."""
+def _done_row(ctx: StageContext, table, match: dict, artefact_column: str):
+    """The stage's row if it already completed and its artefact is still there."""
+    where = [getattr(table.c, k) == v for k, v in match.items()]
+    with ctx.db.begin() as conn:
+        row = conn.execute(select(table).where(*where, table.c.status == "completed")).first()
+    if row is not None and ctx.artifacts.exists(getattr(row, artefact_column)):
+        return row
+    return None
+
+
+def run_eval(ctx: StageContext, job_id: str, candidate_id: int, eval_type: str) -> dict:
+    """One evaluation of a candidate (the customized eval with its trained adapter); returns
+    its scores. Any failure, loading the adapter included, lands on the eval's row."""
     from findistil.evaluate import evaluate
 
+    match = {"job_id": job_id, "candidate_id": candidate_id, "eval_type": eval_type}
+    done = _done_row(ctx, evaluations, match, "predictions_key")
+    if done is not None:
+        return dict(done.scores or {})
     cand = _candidate(ctx, candidate_id)
-    student = ctx.students[candidate_id]
-    eval_rows, train_rows, _ = ctx.datasets(job_id)
-    out = candidate_dir(ctx.settings, job_id, cand.position) / eval_type
-    shutil.rmtree(out, ignore_errors=True)
-    started = utcnow()
-    with ctx.db.begin() as conn:
-        row_id = conn.execute(
-            evaluations.insert().values(
-                job_id=job_id,
-                candidate_id=candidate_id,
-                eval_type=eval_type,
-                status="running",
-                scores={},
-                progress=0.0,
-                started_at=started,
-            )
-        ).inserted_primary_key[0]
+    config = job_config(ctx.db, job_id)
+    nim = config.nims[cand.position]
+    key = job_key(job_id, "candidates", cand.position, eval_type)
+    out = ctx.artifacts.path(key)
+    row_id = _start_row(ctx, evaluations, match, _fresh_eval())
     t0 = time.monotonic()
     try:
-        ctx.check(job_id)
-        if tuned:
-            student.use_tuned(_trained_adapter(ctx, candidate_id))
-        result = evaluate(
-            student,
-            eval_rows,
-            eval_type,
-            out_dir=out,
-            eval_config=ctx.settings.evaluation_config,
-            train_rows=train_rows,  # icl-eval's examples; label scoring's candidate answers
-            icl_config=ctx.settings.icl_config,
-            progress=RowProgress(ctx, evaluations, row_id, job_id, f"{cand.position}:{eval_type}"),
-            should_stop=ctx.stopper(job_id),
-        )
+        ctx.check(job_id, candidate_id)
+        adapter = _trained_adapter(ctx, candidate_id) if eval_type == "customized-eval" else None
+        eval_rows, train_rows, _ = datasets(ctx, job_id)
+        with ctx.cache.use(nim.model_name, nim.kind, ctx.settings, adapter=adapter) as student:
+            result = evaluate(
+                student,
+                eval_rows,
+                eval_type,
+                out_dir=out,
+                eval_config=config.evaluation_config,
+                train_rows=train_rows,  # icl-eval's examples; label scoring's candidate answers
+                icl_config=config.icl_config,
+                progress=RowProgress(ctx, evaluations, row_id, f"{cand.position}:{eval_type}"),
+                should_stop=ctx.stopper(job_id, candidate_id),
+            )
     except BaseException as exc:
-        shutil.rmtree(out, ignore_errors=True)  # no half-written predictions
+        ctx.artifacts.delete(key)  # no half-written predictions
         _end_row(ctx, evaluations, row_id, exc, time.monotonic() - t0)
         raise
     scores = dict(result.scores)
@@ -371,25 +421,45 @@ def run_eval(
         ctx,
         evaluations,
         row_id,
+        only_running=True,
         status="completed",
         scores=scores,
         report=_jsonable(getattr(result, "report", None)),
-        predictions_path=str(result.predictions_path) if result.predictions_path else None,
-        nmp_uri=out.resolve().as_uri(),
+        predictions_key=ctx.artifacts.key_for(result.predictions_path),
+        nmp_uri=key,
         progress=100.0,
         finished_at=utcnow(),
         runtime_seconds=time.monotonic() - t0,
     )
-    rate = scores.get("rows_per_s")
+    _record_cost(ctx, cand, eval_type, scores)
+    return scores
+
+
+def _fresh_eval() -> dict:
+    return {
+        "status": "running",
+        "scores": {},
+        "report": None,
+        "progress": 0.0,
+        "error": None,
+        "predictions_key": None,
+        "nmp_uri": None,
+        "started_at": utcnow(),
+        "finished_at": None,
+        "runtime_seconds": None,
+    }
+
+
+def _record_cost(ctx: StageContext, cand, eval_type: str, scores: dict) -> None:
     # The cost figure is the customized eval's speed (what would be served); earlier evals
     # fill it in until then.
+    rate = scores.get("rows_per_s")
     if (
         isinstance(rate, int | float)
         and rate > 0
         and (eval_type == "customized-eval" or cand.s_per_row is None)
     ):
-        _set(ctx, candidates, candidate_id, rows_per_s=rate, s_per_row=1.0 / rate)
-    return scores
+        _set(ctx, candidates, cand.id, rows_per_s=rate, s_per_row=1.0 / rate)
 
 
 def base_eval(ctx: StageContext, job_id: str, candidate_id: int) -> dict:
@@ -402,74 +472,63 @@ def icl_eval(ctx: StageContext, job_id: str, candidate_id: int) -> dict:
 
 def customized_eval(ctx: StageContext, job_id: str, candidate_id: int) -> dict:
     """Evaluate the candidate with the adapter its customization stage trained."""
-    return run_eval(ctx, job_id, candidate_id, "customized-eval", tuned=True)
+    return run_eval(ctx, job_id, candidate_id, "customized-eval")
 
 
 def _trained_adapter(ctx: StageContext, candidate_id: int) -> Path:
     with ctx.db.begin() as conn:
-        adapter = conn.execute(
-            select(customizations.c.adapter_path)
-            .where(
+        key = conn.execute(
+            select(customizations.c.adapter_key).where(
                 customizations.c.candidate_id == candidate_id,
                 customizations.c.status == "completed",
             )
-            .order_by(customizations.c.id.desc())
         ).scalar()
-    if not adapter or not Path(adapter).exists():
+    if not ctx.artifacts.exists(key):
         raise FindistilError("no trained adapter: the customization stage did not complete")
-    return Path(adapter)
+    return ctx.artifacts.path(key)
 
 
-def customization(ctx: StageContext, job_id: str, candidate_id: int) -> Path:
-    """Fine-tune the candidate on the job's train/val rows; returns the adapter folder."""
+def customization(ctx: StageContext, job_id: str, candidate_id: int) -> str:
+    """Fine-tune the candidate on the job's train/val rows; returns the adapter's key."""
+    match = {"job_id": job_id, "candidate_id": candidate_id}
+    done = _done_row(ctx, customizations, match, "adapter_key")
+    if done is not None:
+        return done.adapter_key
     cand = _candidate(ctx, candidate_id)
-    nim = _nim(ctx, job_id, cand.position)
-    student = ctx.students[candidate_id]
-    _, train_rows, val_rows = ctx.datasets(job_id)
-    out = candidate_dir(ctx.settings, job_id, cand.position) / "adapter"
-    shutil.rmtree(out, ignore_errors=True)
-    with ctx.db.begin() as conn:
-        row_id = conn.execute(
-            customizations.insert().values(
-                job_id=job_id,
-                candidate_id=candidate_id,
-                status="running",
-                progress=0.0,
-                epochs_completed=0,
-                steps_completed=0,
-                started_at=utcnow(),
-            )
-        ).inserted_primary_key[0]
+    nim = candidate_config(ctx, job_id, cand.position)
+    key = job_key(job_id, "candidates", cand.position, "adapter")
+    row_id = _start_row(ctx, customizations, match, _fresh_customization())
     t0 = time.monotonic()
     try:
-        ctx.check(job_id)
-        result = student.train(
-            train_rows,
-            val_rows,
-            out,
-            training=ctx.settings.training_for(nim),
-            lora=ctx.settings.lora_config,
-            progress=RowProgress(ctx, customizations, row_id, job_id, f"{cand.position}:train"),
-            should_stop=ctx.stopper(job_id),
-        )
+        ctx.check(job_id, candidate_id)
+        _, train_rows, val_rows = datasets(ctx, job_id)
+        with ctx.cache.use(nim.model_name, nim.kind, ctx.settings) as student:
+            result = student.train(
+                train_rows,
+                val_rows,
+                ctx.artifacts.path(key),
+                training=nim.training_config,
+                lora=nim.lora_config,
+                progress=RowProgress(ctx, customizations, row_id, f"{cand.position}:train"),
+                should_stop=ctx.stopper(job_id, candidate_id),
+            )
     except BaseException as exc:
-        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written adapter
         _end_row(ctx, customizations, row_id, exc, time.monotonic() - t0)
         raise
     seconds = time.monotonic() - t0
     metrics = _jsonable(dict(result.metrics or {}))
-    path = Path(result.path)
     _set(
         ctx,
         customizations,
         row_id,
+        only_running=True,
         status="completed",
         progress=100.0,
         epochs_completed=result.epochs_completed,
         steps_completed=result.steps_completed,
-        adapter_path=str(path),
+        adapter_key=key,
         customized_model=customized_name(nim.model_name, job_id, row_id),
-        nmp_uri=path.resolve().as_uri(),
+        nmp_uri=key,
         metrics=metrics,
         finished_at=utcnow(),
         runtime_seconds=seconds,
@@ -482,7 +541,24 @@ def customization(ctx: StageContext, job_id: str, candidate_id: int) -> Path:
         training_s=seconds,
         examples_per_s=rate if isinstance(rate, int | float) else None,
     )
-    return path
+    return key
+
+
+def _fresh_customization() -> dict:
+    return {
+        "status": "running",
+        "progress": 0.0,
+        "epochs_completed": 0,
+        "steps_completed": 0,
+        "error": None,
+        "adapter_key": None,
+        "customized_model": None,
+        "nmp_uri": None,
+        "metrics": None,
+        "started_at": utcnow(),
+        "finished_at": None,
+        "runtime_seconds": None,
+    }
 
 
 def release(
@@ -493,45 +569,46 @@ def release(
     status: str = "completed",
     error: str | None = None,
 ) -> None:
-    """Free the candidate's model (upstream: shut the NIM down) and store its final status."""
-    student = ctx.students.pop(candidate_id, None)
-    try:
-        if student is not None:
-            student.close()
-    finally:
-        cand = _candidate(ctx, candidate_id)
-        started = cand.started_at
-        now = utcnow()
-        runtime = (now - service.as_utc(started)).total_seconds() if started else None
-        # A model that loaded was shut down cleanly ("completed") even when an eval failed.
-        if status == "cancelled":
-            deployment = "cancelled"
-        else:
-            deployment = "completed" if cand.deployment_status == "ready" else "failed"
-        _set(
-            ctx,
-            candidates,
-            candidate_id,
-            status=status,
-            error=error,
-            deployment_status=deployment,
-            finished_at=now,
-            runtime_seconds=runtime,
+    """Upstream's shutdown: store the candidate's final status and let go of its lease.
+
+    The model stays in this process's student cache (bounded), where serving finds it.
+    A row already closed by a cancel or a reaper keeps its status.
+    """
+    cand = _candidate(ctx, candidate_id)
+    now = utcnow()
+    started = as_utc(cand.started_at)
+    if status == "cancelled":
+        deployment = "cancelled"
+    else:  # a model that loaded was shut down cleanly even when an eval failed
+        deployment = "completed" if cand.deployment_status == "ready" else "failed"
+    with ctx.db.begin() as conn:
+        conn.execute(
+            update(candidates)
+            .where(candidates.c.id == candidate_id, candidates.c.status == "running-evals")
+            .values(
+                status=status,
+                error=error,
+                deployment_status=deployment,
+                finished_at=now,
+                runtime_seconds=(now - started).total_seconds() if started else None,
+            )
+        )
+        conn.execute(
+            update(candidates)
+            .where(candidates.c.id == candidate_id, candidates.c.owner == ctx.worker)
+            .values(owner=None, lease_expires_at=None)
         )
 
 
-def stop_reason(ctx: StageContext) -> str:
-    return service.INTERRUPTED if ctx.shutdown.is_set() else service.CANCELLED_BY_USER
-
-
 def _end_row(ctx: StageContext, table, row_id: int, exc: BaseException, seconds: float) -> None:
-    cancelled = isinstance(exc, Cancelled)
+    cancelled = isinstance(exc, Cancelled) and not ctx.shutdown.is_set()
     _set(
         ctx,
         table,
         row_id,
+        only_running=True,
         status="cancelled" if cancelled else "failed",
-        error=stop_reason(ctx) if cancelled else describe(exc),
+        error=ctx.stop_reason() if isinstance(exc, Cancelled) else describe(exc),
         finished_at=utcnow(),
         runtime_seconds=seconds,
     )

@@ -21,7 +21,9 @@ __all__ = [
     "Prediction",
     "Student",
     "TrainResult",
+    "answers_untuned",
     "load_student",
+    "resolve_kind",
     "register_student_kind",
     "student_kinds",
 ]
@@ -32,14 +34,23 @@ class StudentKind:
     name: str
     factory: str  # "module:callable" taking (model_id, weights_dir, settings) -> Student
     detect: Callable[[dict], bool]  # given a model's config.json, is it this kind?
+    answers_untuned: bool = True  # can it answer before training (base / ICL evals, serving)?
 
 
 _KINDS: dict[str, StudentKind] = {}
 
 
-def register_student_kind(name: str, factory: str, detect: Callable[[dict], bool]) -> None:
+def register_student_kind(
+    name: str, factory: str, detect: Callable[[dict], bool], *, answers_untuned: bool = True
+) -> None:
     """Make a student kind available to ``load_student`` and to config ``nims[].kind``."""
-    _KINDS[name] = StudentKind(name, factory, detect)
+    _KINDS[name] = StudentKind(name, factory, detect, answers_untuned)
+
+
+def answers_untuned(kind: str) -> bool:
+    """Whether students of ``kind`` answer before training (unknown kinds: assume so)."""
+    entry = _KINDS.get(kind)
+    return entry.answers_untuned if entry is not None else True
 
 
 def student_kinds() -> list[str]:
@@ -62,6 +73,7 @@ register_student_kind(
         cfg.get("model_type") in {"bert", "roberta", "distilbert", "mpnet", "xlm-roberta"}
         and not any(a.endswith("ForCausalLM") for a in _architectures(cfg))
     ),
+    answers_untuned=False,  # its classification head only exists after training
 )
 
 
@@ -73,26 +85,36 @@ def _resolve_factory(spec: str):
     return obj
 
 
+def resolve_kind(model_id: str, kind: str = "auto", settings: Settings | None = None) -> str:
+    """``kind`` itself, or for ``auto`` the registered kind whose detector matches the model's
+    ``config.json`` (this resolves the weights, which is cheap once they are cached)."""
+    import json
+
+    from findistil.students.registry import resolve_model
+
+    if kind != "auto":
+        if kind not in _KINDS:
+            raise ConfigError(f"unknown student kind {kind!r}: expected one of {student_kinds()}")
+        return kind
+    weights: Path = resolve_model(model_id, settings or load_settings())
+    config = json.loads((weights / "config.json").read_text())
+    matches = [k.name for k in _KINDS.values() if k.detect(config)]
+    if not matches:
+        raise ConfigError(
+            f"cannot tell which student kind {model_id!r} is (architectures "
+            f"{_architectures(config)}): set nims[].kind to one of {student_kinds()}"
+        )
+    return matches[0]
+
+
 def load_student(model_id: str, kind: str = "auto", settings: Settings | None = None) -> Student:
     """Load a student by id (hub id, packaged id or local HF folder).
 
     Example: ``load_student("HuggingFaceTB/SmolLM2-135M-Instruct").predict([messages])``.
     """
-    import json
-
     from findistil.students.registry import resolve_model
 
     settings = settings or load_settings()
+    kind = resolve_kind(model_id, kind, settings)
     weights: Path = resolve_model(model_id, settings)
-    if kind == "auto":
-        config = json.loads((weights / "config.json").read_text())
-        matches = [k.name for k in _KINDS.values() if k.detect(config)]
-        if not matches:
-            raise ConfigError(
-                f"cannot tell which student kind {model_id!r} is (architectures "
-                f"{_architectures(config)}): set nims[].kind to one of {student_kinds()}"
-            )
-        kind = matches[0]
-    if kind not in _KINDS:
-        raise ConfigError(f"unknown student kind {kind!r}: expected one of {student_kinds()}")
     return _resolve_factory(_KINDS[kind].factory)(model_id, weights, settings)

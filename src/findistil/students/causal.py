@@ -129,8 +129,7 @@ class CausalLMStudent(Student):
             )
         card = _read_card(path)
         rule = PruningRule.from_dict(card.get("pruning_rule"))
-        # One adapter slot per folder: the name is stable, so re-using a folder is cheap.
-        name = "a" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        name = _adapter_name(path)
         if name in self.engine.adapters:
             self.engine.set_adapter(name)
         else:
@@ -154,7 +153,7 @@ class CausalLMStudent(Student):
         """LoRA fine-tune (``students.lora.train_lora``); the base weights stay untouched."""
         from findistil.students.lora import train_lora
 
-        return train_lora(
+        result = train_lora(
             self.engine.model,
             self.engine.tokenizer,
             train_rows,
@@ -166,9 +165,20 @@ class CausalLMStudent(Student):
             progress=progress,
             should_stop=should_stop,
         )
+        stale = _adapter_name(result.path)
+        if stale in self.engine.adapters:  # an older adapter of the same folder was loaded
+            active = self.engine.active_adapter
+            self.engine.load_adapter(result.path, stale)
+            self.engine.set_adapter(active)
+        return result
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _adapter_name(path: Path) -> str:
+    """One adapter slot per folder: the name is stable, so re-using a folder is cheap."""
+    return "a" + hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
 
 
 def _read_card(path: Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import math
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +61,7 @@ from findistil.students.lora import (
 )
 from findistil.students.pruning import PruningRule
 
+TUNED_HEADS_KEPT = 4  # tuned heads kept loaded per student (MiniLM: ~90 MB each)
 MAX_POSITIONS = 512  # BERT-style encoders; MiniLM was trained on 256 but accepts 512
 
 
@@ -126,6 +127,7 @@ class EncoderStudent(Student):
         self._merged = False
         self._rule = PruningRule.identity()
         self.tuned_path: Path | None = None
+        self._heads: OrderedDict[str, tuple[Any, dict]] = OrderedDict()  # path -> (model, card)
 
     @classmethod
     def load(cls, model_id: str, weights_dir: Path, settings: Settings) -> EncoderStudent:
@@ -325,6 +327,10 @@ class EncoderStudent(Student):
 
     # ---------------------------------------------------------------------- artefacts
     def _set_tuned(self, model, card: dict, path: Path | None) -> None:
+        if path is not None:
+            self._heads[str(Path(path).absolute())] = (model, card)
+            while len(self._heads) > TUNED_HEADS_KEPT:
+                self._heads.popitem(last=False)
         self._model = model.eval()
         self._labels = list(card["labels"])
         self._keys = list(card.get("label_keys") or card["labels"])
@@ -333,7 +339,11 @@ class EncoderStudent(Student):
         self.tuned_path = path
 
     def use_tuned(self, path: Path | None) -> None:
-        """Answer with a trained folder from now on (``None``: drop the head again)."""
+        """Answer with a trained folder from now on (``None``: drop the head again).
+
+        The last few heads stay loaded (``TUNED_HEADS_KEPT``), so switching between tuned
+        folders, or asking for the active one again, does not reload weights.
+        """
         from transformers import AutoModelForSequenceClassification
 
         if path is None:
@@ -341,15 +351,20 @@ class EncoderStudent(Student):
             self._rule, self.tuned_path = PruningRule.identity(), None
             return
         path = Path(path)
-        card = read_card(path)
-        if card.get("kind") != "encoder" or not card.get("labels"):
-            raise DataError(
-                f"{path} is not a trained encoder folder (no encoder {CARD_NAME}): pass the "
-                "folder EncoderStudent.train wrote"
-            )
-        with MODEL_LOAD_LOCK:
-            model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device)
-        self._set_tuned(model, card, path)
+        if self.tuned_path is not None and self.tuned_path == path and self._model is not None:
+            return
+        held = self._heads.pop(str(path.absolute()), None)
+        if held is None:
+            card = read_card(path)
+            if card.get("kind") != "encoder" or not card.get("labels"):
+                raise DataError(
+                    f"{path} is not a trained encoder folder (no encoder {CARD_NAME}): pass the "
+                    "folder EncoderStudent.train wrote"
+                )
+            with MODEL_LOAD_LOCK:
+                model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device)
+            held = (model, card)
+        self._set_tuned(held[0], held[1], path)
 
     # ---------------------------------------------------------------------- inference
     def predict(
@@ -415,6 +430,7 @@ class EncoderStudent(Student):
     def close(self) -> None:
         self._model = None
         self._encoder = None
+        self._heads.clear()
 
 
 # -------------------------------------------------------------------------- embeddings
