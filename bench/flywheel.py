@@ -83,10 +83,10 @@ def score_students_on_gold(settings, job: dict, gold_rows: list[dict]) -> dict:
     conversations = [taxonomy.build_messages(r["headline"]) for r in gold_rows]
     results = {}
     tuned = {
-        nim["model_name"]: cust["adapter_path"]
+        nim["model_name"]: settings.artifacts_root / cust["adapter_key"]
         for nim in job["nims"]
         for cust in nim.get("customizations", [])
-        if cust.get("adapter_path")
+        if cust.get("adapter_key")
     }
     for nim_cfg in settings.nims:
         path = tuned.get(nim_cfg.model_name)
@@ -171,7 +171,7 @@ def run(sizes: list[int], eval_size: int, home: Path) -> dict:
             t0 = time.perf_counter()
             job = follow_job(client, created["id"], lambda _e: None, interval=2.0)
             job_s = time.perf_counter() - t0
-            job_dir = settings.jobs_dir / created["id"]
+            job_dir = settings.artifacts_root / "jobs" / created["id"]
             checked = check_gold_not_trained(job_dir, gold)
             t0 = time.perf_counter()
             gold_scores = score_students_on_gold(settings, job, gold_rows)

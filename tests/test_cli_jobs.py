@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -69,6 +70,9 @@ def test_create_follow_list_show_delete(server, settings):
     followed = _cli("jobs", "show", job_id, "--follow", "--interval", "0.2", api=server.url)
     assert followed.exit_code == 0, followed.output
     assert "customized-eval" in followed.output and "recommended:" in followed.output
+    assert (
+        f"on {socket.gethostname()}:{os.getpid()} (cpu)" in followed.output
+    )  # which worker ran each candidate
     assert _job_row(settings, job_id).status == "completed"
 
     listed = _cli("jobs", "list", "--json", api=server.url)

@@ -249,6 +249,54 @@ def test_an_api_restart_while_workers_run_loses_nothing(cluster, fresh_postgres_
         assert all(n["status"] == "completed" for n in job["nims"])
 
 
+def test_cancel_reaches_a_running_task_and_queued_ones_never_run(
+    cluster, fresh_postgres_url, broker
+):
+    config = cluster.configure(fresh_postgres_url, llama_epochs=2000, broker=broker)
+    (llm_worker,) = _workers(cluster, "q-llm")  # nobody listens on q-enc yet
+    api, url = cluster.serve("api", "--runner", "celery")
+    _seed(config, cluster.root.parent / "api")
+    job_id = _create(url)
+    wait_for(lambda: _training(_job(url, job_id)), 120, "LoRA training", cluster.procs)
+    t0 = time.monotonic()
+    assert httpx.post(f"{url}/api/jobs/{job_id}/cancel").status_code == 200
+    # the live worker keeps renewing its lease until its task stops: deletable = stopped
+    wait_for(
+        lambda: httpx.delete(f"{url}/api/jobs/{job_id}").status_code == 200,
+        LEASE_S,  # less than a lease: the task let go itself, nobody reaped it
+        "the running task to stop",
+        cluster.procs,
+    )
+    print(f"\ncancel -> Celery task stopped and job deleted in {time.monotonic() - t0:.1f}s")
+    assert llm_worker.alive()
+    # the encoder's task was queued all along; a worker that comes later does not run it
+    job_id = _create(url)
+    wait_for(lambda: _training(_job(url, job_id)), 120, "LoRA training", cluster.procs)
+    assert httpx.post(f"{url}/api/jobs/{job_id}/cancel").status_code == 200
+    late = cluster.start("late", "worker", "--queues", "q-enc")
+    wait_for(lambda: "ready" in late.log.read_text(), 90, "the late worker", cluster.procs)
+    wait_for(lambda: "run_candidate" in late.log.read_text(), 30, "the queued task", cluster.procs)
+    bert = _job(url, job_id)["nims"][1]
+    assert bert["status"] == "cancelled" and bert["worker"] is None and bert["evaluations"] == []
+
+
+def test_tasks_ack_late_and_retry_only_transient_errors():
+    from sqlalchemy.exc import OperationalError
+
+    from findistil.config import load_settings
+    from findistil.errors import FindistilError
+    from findistil.flywheel import celery_runner
+
+    app = celery_runner.make_celery(load_settings())
+    celery_runner.register_tasks(app)
+    for name in (celery_runner.RUN_JOB, celery_runner.RUN_CANDIDATE):
+        task = app.tasks[name]
+        assert task.acks_late and app.conf.task_reject_on_worker_lost
+        assert OperationalError in task.autoretry_for and task.retry_backoff
+        assert not any(issubclass(FindistilError, e) for e in task.autoretry_for)
+    assert app.conf.worker_prefetch_multiplier == 1
+
+
 # -- two `findistil serve` processes, thread runner, one SQLite file -------------------------
 
 

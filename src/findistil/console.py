@@ -211,7 +211,7 @@ def job_table(job: dict) -> Table:
     table.add_column("error", overflow="fold")
     for nim in job.get("nims") or []:
         table.add_row(
-            f"[bold]{short_name(nim['model_name'])}[/bold]",
+            f"[bold]{short_name(nim['model_name'])}[/bold]" + _where(nim),
             _status(nim["status"]),
             nim.get("deployment_status") or "",
             _secs(nim.get("runtime_seconds")),
@@ -243,6 +243,16 @@ def job_table(job: dict) -> Table:
         f"\nerror: {job['error']}" if job.get("error") else ""
     )
     return table
+
+
+def _where(nim: dict) -> str:
+    """`` on host:pid (cpu)``: which worker ran a candidate, on which device."""
+    worker = nim.get("worker")
+    if not worker:
+        return ""
+    host_pid = ":".join(worker.split(":")[:2])
+    device = nim.get("device")
+    return f"\n  on {host_pid}" + (f" ({device})" if device else "")
 
 
 def _set_kind(name: str) -> str:
