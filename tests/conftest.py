@@ -99,3 +99,22 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer random BERT with a WordPiece tokenizer, saved as a local HF folder."""
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def sqlite_url(findistil_home):
+    """The default SQLite database of this test's FINDISTIL_HOME."""
+    findistil_home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{findistil_home / 'findistil.db'}"
+
+
+@pytest.fixture
+def demo_store(sqlite_url):
+    """A log store there holding 120 demo records."""
+    from findistil.loaders import load_demo
+    from findistil.logstore import LogStore
+
+    store = LogStore(sqlite_url)
+    load_demo(store, records=120)
+    yield store
+    store.close()

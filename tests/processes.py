@@ -14,13 +14,15 @@ import httpx
 
 
 class Proc:
-    """One ``findistil ...`` subprocess; ``log`` is its combined output."""
+    """One ``findistil ...`` subprocess (or another ``program``); ``log`` is its output."""
 
-    def __init__(self, args: list[str], env: dict, cwd: Path, log: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict, cwd: Path, log: Path, program: list[str] | None = None
+    ) -> None:
         self.args, self.log = args, log
         self._out = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "findistil.cli", *args],
+            [*(program or [sys.executable, "-m", "findistil.cli"]), *args],
             env=env,
             cwd=cwd,
             stdout=self._out,

@@ -46,20 +46,6 @@ def tiny_nims(tiny_llama_dir, tiny_bert_dir):
     ]
 
 
-@pytest.fixture
-def sqlite_url(findistil_home):
-    findistil_home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{findistil_home / 'findistil.db'}"
-
-
-@pytest.fixture
-def demo_store(sqlite_url):
-    store = LogStore(sqlite_url)
-    load_demo(store, records=120)
-    yield store
-    store.close()
-
-
 def _wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     pause = threading.Event()

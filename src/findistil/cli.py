@@ -245,6 +245,7 @@ def serve(
     settings = get_settings(config)
     if runner is not None:
         settings = _with(settings, runner=runner)
+    console_mod.quiet_third_party_bars()
     uvicorn.run(create_app(settings), host=host, port=port)
 
 
@@ -271,6 +272,7 @@ def worker(
     if torch_threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(torch_threads)
     names = [q.strip() for q in (queues or "").split(",") if q.strip()] or None
+    console_mod.quiet_third_party_bars()
     run_worker(settings, concurrency=concurrency, queues=names)
 
 

@@ -113,9 +113,20 @@ class EvaluationConfig(_Section):
 
 
 class MlflowConfig(_Section):
+    """Experiment tracking (upstream ``mlflow_config``); see ``tracking.py``.
+
+    ``enabled`` unset means on exactly when a ``tracking_uri`` is given; ``enabled: true``
+    with no ``tracking_uri`` logs to a local store under the artefact root.
+    """
+
+    enabled: bool | None = None
     tracking_uri: str | None = None
-    experiment_name_prefix: str = "findistil"
+    experiment_name_prefix: str = Field("findistil", min_length=1, pattern=r"^[\w.-]+$")
     artifact_location: str | None = None
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.enabled if self.enabled is not None else bool(self.tracking_uri)
 
 
 class NimConfig(BaseModel):
@@ -167,6 +178,7 @@ class JobConfig(BaseModel):
     nims: list[CandidateConfig] = Field(default_factory=list)
     icl_config: ICLConfig = Field(default_factory=ICLConfig)
     evaluation_config: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    mlflow_config: MlflowConfig = Field(default_factory=MlflowConfig)
     recommendation_tolerance: float = 0.02
 
 
@@ -281,6 +293,7 @@ class Settings(BaseSettings):
             nims=nims,
             icl_config=self.icl_config,
             evaluation_config=self.evaluation_config,
+            mlflow_config=self.mlflow_config,
             recommendation_tolerance=self.recommendation_tolerance,
         )
 

@@ -239,9 +239,10 @@ def job_table(job: dict) -> Table:
     sets = ", ".join(
         f"{_set_kind(d['name'])} {d.get('num_records')}" for d in job.get("datasets") or []
     )
-    table.caption = f"datasets: {sets or '—'}" + (
-        f"\nerror: {job['error']}" if job.get("error") else ""
-    )
+    caption = [f"datasets: {sets or '—'}"]
+    caption += [f"error: {job['error']}"] if job.get("error") else []
+    caption += [f"[yellow]warning: {w}[/yellow]" for w in job.get("warnings") or []]
+    table.caption = "\n".join(caption)
     return table
 
 
@@ -393,11 +394,14 @@ def demo_settings(
     return settings
 
 
-def _quiet_third_party_bars() -> None:
-    """transformers/hub tqdm bars would interleave with our own rich bars on stderr."""
+def quiet_third_party_bars() -> None:
+    """transformers / hub / gguf tqdm bars would interleave with our own rich bars on
+    stderr and fill non-TTY logs with carriage-return frames: findistil reports long steps
+    through its own progress."""
     import os
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # any other tqdm (the GGUF conversion's)
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -423,7 +427,7 @@ def run_demo(
     from findistil.api.app import BackgroundServer, create_app
     from findistil.logstore import open_logstore
 
-    _quiet_third_party_bars()
+    quiet_third_party_bars()
     timings: list[tuple[str, float]] = []
     t0 = time.perf_counter()
     with open_logstore(settings) as store:

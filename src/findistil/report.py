@@ -57,7 +57,14 @@ def _score(answers: list[str], people: list[str]) -> dict[str, Any]:
     return classification_scores([p.label for p in parsed], people, [p.parseable for p in parsed])
 
 
-def plot_confusion(confusion: Mapping[str, Any], path: Path, title: str) -> Path:
+def plot_confusion(
+    confusion: Mapping[str, Any],
+    path: Path,
+    title: str,
+    *,
+    xlabel: str = "labeller",
+    ylabel: str = "people",
+) -> Path:
     """Draw a confusion matrix (``classification_scores(...)["confusion"]``) as a PNG."""
     import matplotlib
 
@@ -69,8 +76,8 @@ def plot_confusion(confusion: Mapping[str, Any], path: Path, title: str) -> Path
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(confusion["columns"])), confusion["columns"], rotation=60, ha="right")
     ax.set_yticks(range(len(confusion["labels"])), confusion["labels"])
-    ax.set_xlabel("labeller")
-    ax.set_ylabel("people")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     peak = max((v for row in matrix for v in row), default=0) or 1
     for i, row in enumerate(matrix):

@@ -109,6 +109,7 @@ class Customization(_Open):
     steps_completed: int = 0
     nmp_uri: str | None = None
     customized_model: str | None = None
+    mlflow_uri: str | None = None
     error: str | None = None
 
 
@@ -136,6 +137,9 @@ class JobDetail(_Open):
     datasets: list[Dataset] = Field(default_factory=list)
     nims: list[Nim] = Field(default_factory=list)
     error: str | None = None
+    warnings: list[str] = Field(
+        default_factory=list, description="problems that did not fail the job"
+    )
 
 
 class JobActionResponse(_Open):

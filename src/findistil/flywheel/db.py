@@ -36,6 +36,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    select,
     update,
 )
 from sqlalchemy.orm import Session
@@ -87,6 +88,7 @@ jobs = Table(
     Column("heartbeat_at", DateTime(timezone=True)),  # unused since migration 2
     Column("lease_expires_at", DateTime(timezone=True)),
     Column("task_id", String(64)),  # Celery task of the job's head stages
+    Column("warnings", JSON),  # problems that did not fail the job (tracking server down)
 )
 
 candidates = Table(
@@ -155,6 +157,7 @@ customizations = Table(
     Column("steps_completed", Integer, nullable=False, default=0),
     Column("nmp_uri", Text),
     Column("customized_model", Text),
+    Column("mlflow_uri", Text),
     Column("adapter_key", Text),
     Column("metrics", JSON),
     Column("error", Text),
@@ -241,3 +244,16 @@ def close_unfinished(
         if table is candidates:
             values["deployment_status"] = "cancelled" if status == "cancelled" else "failed"
         conn.execute(query.values(**values))
+
+
+def add_warning(db: FlywheelDB, job_id: str, message: str) -> None:
+    """Note a problem that did not fail the job (shown in its detail); kept once, last 20."""
+    with db.begin() as conn:
+        current = conn.execute(
+            select(jobs.c.warnings).where(jobs.c.id == job_id).with_for_update()
+        ).scalar()
+        current = list(current or [])
+        if message not in current:
+            conn.execute(
+                update(jobs).where(jobs.c.id == job_id).values(warnings=[*current, message][-20:])
+            )

@@ -12,6 +12,7 @@ Also here: ``served_models`` (the tuned students ``/v1`` can answer with) and
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -38,6 +39,9 @@ from findistil.flywheel.stages import CANCELLED_BY_USER, candidate_results
 from findistil.recommend import recommend
 from findistil.serving import ServedModel
 from findistil.students import answers_untuned
+from findistil.tracking import TrackingError, make_tracker
+
+log = logging.getLogger(__name__)
 
 _JOB_ID = re.compile(r"[0-9a-f]{24}")
 
@@ -185,6 +189,7 @@ def _customization(row) -> dict:
         "steps_completed": row.steps_completed,
         "nmp_uri": row.nmp_uri,
         "customized_model": row.customized_model,
+        "mlflow_uri": row.mlflow_uri,
         "adapter_key": row.adapter_key,
         "metrics": row.metrics,
         "error": row.error,
@@ -260,6 +265,7 @@ def get_job(db: FlywheelDB, job_id: str) -> dict:
         "error": job.error,
         "progress": job_progress(job.status, nims),
         "recommendation": recommendation,
+        "warnings": list(job.warnings or []),
         "data_split_config": config.data_split_config.model_dump(),
         "config": job.config,
     }
@@ -320,6 +326,7 @@ def delete_job(db: FlywheelDB, artifacts: ArtifactStore, job_id: str) -> dict:
             "try again in a few seconds."
         )
     artifacts.delete(job_key(validate_job_id(job_id)))
+    _delete_experiment(JobConfig.model_validate(job.config or {}), artifacts, job_id)
     with db.begin() as conn:
         for table in (evaluations, customizations, candidates, jobs):
             key = table.c.id if table is jobs else table.c.job_id
@@ -328,6 +335,15 @@ def delete_job(db: FlywheelDB, artifacts: ArtifactStore, job_id: str) -> dict:
         "id": job_id,
         "message": "Job deletion started. Resources will be cleaned up in the background.",
     }
+
+
+def _delete_experiment(config: JobConfig, artifacts: ArtifactStore, job_id: str) -> None:
+    """The job's MLflow experiment goes with it; a tracking server that is down is logged
+    and does not keep the job (its experiment can be deleted in MLflow later)."""
+    try:
+        make_tracker(config.mlflow_config, artifacts.root).delete_job(job_id)
+    except TrackingError as exc:
+        log.warning("job %s deleted, its experiment not: %s", job_id, exc)
 
 
 def predictions_key(db: FlywheelDB, artifacts: ArtifactStore, job_id: str, eval_id: int) -> str:

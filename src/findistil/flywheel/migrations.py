@@ -225,5 +225,12 @@ def _v2(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _v3(conn: Connection) -> None:
+    """Experiment tracking: warnings on the job (an unreachable MLflow never fails it) and
+    the training run's address on the customization."""
+    _add_columns(conn, "fw_jobs", [Column("warnings", JSON)])
+    _add_columns(conn, "fw_customizations", [Column("mlflow_uri", Text)])
+
+
 # Applied in order; never edit a shipped one, append the next.
-MIGRATIONS = {1: _v1, 2: _v2}
+MIGRATIONS = {1: _v1, 2: _v2, 3: _v3}

@@ -20,6 +20,7 @@ Artefact keys: ``jobs/<job>/datasets/...``, ``jobs/<job>/candidates/<n>/{adapter
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,11 +31,12 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from findistil.artifacts import ArtifactStore, job_key, staged_dir
-from findistil.config import CandidateConfig, JobConfig, Settings
+from findistil.config import CandidateConfig, JobConfig, MlflowConfig, Settings
 from findistil.errors import Cancelled, FindistilError
 from findistil.flywheel import leases
 from findistil.flywheel.db import (
     FlywheelDB,
+    add_warning,
     as_utc,
     candidates,
     customizations,
@@ -46,11 +48,22 @@ from findistil.progress import Progress, ProgressFn, no_progress
 from findistil.recommend import CandidateResult, EvalResult, recommend
 from findistil.students import answers_untuned
 from findistil.students.cache import StudentCache, shared_cache
+from findistil.tracking import (
+    RunRecord,
+    Tracker,
+    candidate_params,
+    eval_record,
+    make_tracker,
+    training_record,
+)
+
+log = logging.getLogger(__name__)
 
 CANCELLED_BY_USER = "Job cancelled by user"
 STOP_CHECK_S = 0.5  # should_stop reads the job's status at most this often
 PROGRESS_WRITE_S = 0.5  # progress rows are written at most this often (plus the last report)
 DATASET_FILES = ("eval_data.jsonl", "training/train_data.jsonl", "validation/val_data.jsonl")
+MAX_STEP_POINTS = 500  # training-loss points kept on a customization row
 
 
 class JobFailed(FindistilError):
@@ -84,6 +97,7 @@ class StageContext:
     progress: ProgressFn = no_progress
     shutdown: threading.Event = field(default_factory=threading.Event)
     _stop_cache: dict[tuple, tuple[float, bool]] = field(default_factory=dict)
+    _trackers: dict[str, Tracker] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -122,6 +136,14 @@ class StageContext:
     def stop_reason(self) -> str:
         """The error of rows this process stops: a user's cancel, or its own shutdown."""
         return leases.shut_down(self.worker) if self.shutdown.is_set() else CANCELLED_BY_USER
+
+    def tracker(self, config: MlflowConfig) -> Tracker:
+        """The tracker of a job's ``mlflow_config`` (one per distinct config, reused)."""
+        key = config.model_dump_json()
+        with self._lock:
+            if key not in self._trackers:
+                self._trackers[key] = make_tracker(config, self.settings.artifacts_root)
+            return self._trackers[key]
 
     def forget(self, job_id: str) -> None:
         with self._lock:
@@ -188,6 +210,27 @@ class RowProgress:
                 if isinstance(p.info.get(key), int):
                     values[key] = p.info[key]
         _set(self.ctx, self.table, self.row_id, only_running=True, **values)
+
+
+class StepLog:
+    """A ProgressFn that keeps each training step's loss and learning rate (the reports
+    that carry ``lr``) and forwards every report."""
+
+    def __init__(self, forward: ProgressFn) -> None:
+        self.forward, self.points = forward, []
+
+    def __call__(self, p: Progress) -> None:
+        if "lr" in p.info:
+            self.points.append({"step": p.done, "loss": p.info.get("loss"), "lr": p.info["lr"]})
+        self.forward(p)
+
+    def thinned(self, limit: int) -> list[dict]:
+        """At most ``limit`` evenly spaced points, the last step always among them."""
+        if len(self.points) <= limit:
+            return list(self.points)
+        stride = len(self.points) / limit
+        picked = [self.points[int(i * stride)] for i in range(limit - 1)]
+        return [*picked, self.points[-1]]
 
 
 # -- job-level stages ----------------------------------------------------------------------
@@ -432,7 +475,40 @@ def run_eval(ctx: StageContext, job_id: str, candidate_id: int, eval_type: str) 
         runtime_seconds=time.monotonic() - t0,
     )
     _record_cost(ctx, cand, eval_type, scores)
+    record = lambda: eval_record(  # noqa: E731 - built only when tracking is on
+        model=nim.model_name,
+        position=cand.position,
+        eval_type=eval_type,
+        params=candidate_params(config.model_dump(mode="json"), cand.position),
+        scores=scores,
+        report=getattr(result, "report", None),
+        predictions=result.predictions_path,
+        manifest=_manifest(ctx, job_id),
+    )
+    _track(ctx, job_id, config, evaluations, row_id, record)
     return scores
+
+
+def _manifest(ctx: StageContext, job_id: str) -> Path | None:
+    key = job_key(job_id, "datasets", "manifest.json")
+    return ctx.artifacts.path(key) if ctx.artifacts.exists(key) else None
+
+
+def _track(ctx: StageContext, job_id: str, config: JobConfig, table, row_id, record) -> None:
+    """Log a finished stage's run and store its address on the stage's row. Tracking never
+    fails a job: any problem becomes a warning on the job (and a log line)."""
+    tracker = ctx.tracker(config.mlflow_config)
+    if not tracker.enabled:
+        return
+    try:
+        run: RunRecord = record()
+        uri = tracker.log_run(job_id, run)
+    except Exception as exc:  # a broken tracker, a figure that would not draw, ...
+        message = f"experiment tracking: {describe(exc)}"
+        log.warning("job %s: %s", job_id, message)
+        add_warning(ctx.db, job_id, message)
+        return
+    _set(ctx, table, row_id, mlflow_uri=uri)
 
 
 def _fresh_eval() -> dict:
@@ -498,6 +574,7 @@ def customization(ctx: StageContext, job_id: str, candidate_id: int) -> str:
     nim = candidate_config(ctx, job_id, cand.position)
     key = job_key(job_id, "candidates", cand.position, "adapter")
     row_id = _start_row(ctx, customizations, match, _fresh_customization())
+    steps = StepLog(RowProgress(ctx, customizations, row_id, f"{cand.position}:train"))
     t0 = time.monotonic()
     try:
         ctx.check(job_id, candidate_id)
@@ -509,14 +586,14 @@ def customization(ctx: StageContext, job_id: str, candidate_id: int) -> str:
                 ctx.artifacts.path(key),
                 training=nim.training_config,
                 lora=nim.lora_config,
-                progress=RowProgress(ctx, customizations, row_id, f"{cand.position}:train"),
+                progress=steps,
                 should_stop=ctx.stopper(job_id, candidate_id),
             )
     except BaseException as exc:
         _end_row(ctx, customizations, row_id, exc, time.monotonic() - t0)
         raise
     seconds = time.monotonic() - t0
-    metrics = _jsonable(dict(result.metrics or {}))
+    metrics = _jsonable({**(result.metrics or {}), "steps": steps.thinned(MAX_STEP_POINTS)})
     _set(
         ctx,
         customizations,
@@ -541,6 +618,17 @@ def customization(ctx: StageContext, job_id: str, candidate_id: int) -> str:
         training_s=seconds,
         examples_per_s=rate if isinstance(rate, int | float) else None,
     )
+    config = job_config(ctx.db, job_id)
+    record = lambda: training_record(  # noqa: E731 - built only when tracking is on
+        model=nim.model_name,
+        position=cand.position,
+        params=candidate_params(config.model_dump(mode="json"), cand.position),
+        metrics={k: v for k, v in metrics.items() if k != "steps"},
+        steps=steps.points,
+        adapter_dir=ctx.artifacts.path(key),
+        manifest=_manifest(ctx, job_id),
+    )
+    _track(ctx, job_id, config, customizations, row_id, record)
     return key
 
 

@@ -250,7 +250,12 @@ class EncoderStudent(Student):
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 epoch_loss += step_loss * n_rows
-                info = {"epochs_completed": epoch, "steps_completed": step, "loss": step_loss}
+                info = {
+                    "epochs_completed": epoch,
+                    "steps_completed": step,
+                    "loss": step_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                }
                 progress(Progress("train", step, total_steps, info))
             val_loss, val_acc = self._validate(model, val_ex, micro, should_stop)
             history.append(
