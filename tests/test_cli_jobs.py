@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -47,13 +48,13 @@ def _cli(*args, api=None):
     return result
 
 
-def _script(*args):
+def _script(*args, columns: int = 200):
     """The real console-script path: library errors become exit code 2 in ``main``."""
     return subprocess.run(
         [sys.executable, "-m", "findistil.cli", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": str(columns)},
         timeout=120,
     )
 
@@ -74,6 +75,20 @@ def test_create_follow_list_show_delete(server, settings):
         f"on {socket.gethostname()}:{os.getpid()} (cpu)" in followed.output
     )  # which worker ran each candidate
     assert _job_row(settings, job_id).status == "completed"
+
+    # an 80-column non-TTY: nothing cut to a stub, no carriage-return frames
+    narrow = _script("jobs", "show", job_id, "--follow", "--api-url", server.url, columns=80)
+    assert narrow.returncode == 0, narrow.stderr
+    assert "…" not in narrow.stdout and "\r" not in narrow.stdout + narrow.stderr
+    assert all(len(line) <= 80 for line in narrow.stdout.splitlines())
+    for header in ("f1_score", "Δ vs base", "accuracy", "macro-F1", "rows/s"):
+        assert header in narrow.stdout
+    detail = json.loads(_cli("jobs", "show", job_id, "--json", api=server.url).output)
+    for nim in detail["nims"]:
+        assert Path(nim["model_name"]).name in narrow.stdout
+    sentence = narrow.stdout[narrow.stdout.index("recommended:") :]  # the last thing printed
+    recommended = Path(detail["recommendation"]["model_name"]).name
+    assert " ".join(sentence.split()).count(recommended) == 1  # named once
 
     listed = _cli("jobs", "list", "--json", api=server.url)
     assert listed.exit_code == 0

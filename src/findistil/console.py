@@ -267,70 +267,55 @@ def _set_kind(name: str) -> str:
 _EVAL_ORDER = {"base-eval": 0, "icl-eval": 1, "customized-eval": 2}
 
 
-def _cost_per_1k(nim: dict) -> float | None:
-    """Seconds of compute to answer 1,000 rows with this candidate (its measured speed)."""
-    return nim.get("cost_per_1k_rows_s")
-
-
 def results_table(job: dict) -> Table:
-    """Scores per candidate and eval type, each beside the candidate's base eval."""
+    """Scores per candidate and eval type, each beside the candidate's base eval.
+
+    Fits 80 columns: a candidate is a row of its own (name, size, training time) above its
+    evals, columns fold rather than cut, so no header or model name ends as a stub.
+    """
     table = Table(title=f"results of job {job['id']} ({job['status']})")
-    for col in (
-        "candidate",
-        "eval",
-        "f1_score",
-        "Δ f1 vs base",
-        "accuracy",
-        "macro-F1",
-        "rows/s",
-        "params",
-        "train time",
-    ):
-        table.add_column(col, justify="left" if col in ("candidate", "eval") else "right")
+    table.add_column("candidate / eval", overflow="fold", min_width=15)
+    for col in ("f1_score", "Δ vs base", "accuracy", "macro-F1", "rows/s"):
+        table.add_column(col, justify="right", overflow="fold", no_wrap=False)
     for nim in job.get("nims") or []:
-        evals = sorted(
-            nim.get("evaluations") or [], key=lambda e: _EVAL_ORDER.get(e["eval_type"], 9)
-        )
-        base = next((e for e in evals if e["eval_type"] == "base-eval" and e.get("scores")), None)
-        base_f1 = (base or {}).get("scores", {}).get("f1_score")
-        train = next(iter(nim.get("customizations") or []), {})
-        params = nim.get("params")
-        name = short_name(nim["model_name"])
-        if not evals:
-            table.add_row(name, f"[red]{nim['status']}[/red]", *["—"] * 7)
-        for i, ev in enumerate(evals):
-            s = ev.get("scores") or {}
-            f1 = s.get("f1_score")
-            delta = "—" if base_f1 is None or f1 is None or ev is base else f"{f1 - base_f1:+.3f}"
-            table.add_row(
-                name if i == 0 else "",
-                ev["eval_type"] + (f" [red]({ev['error'][:30]})[/red]" if ev.get("error") else ""),
-                _num(f1),
-                delta,
-                _num(s.get("accuracy")),
-                _num(s.get("macro_f1")),
-                _num(s.get("rows_per_s"), ".1f"),
-                f"{params / 1e6:.1f}M" if params else "—",
-                _secs(train.get("runtime_seconds")) if ev["eval_type"] == "customized-eval" else "",
-            )
+        _candidate_rows(table, nim)
     return table
 
 
+def _candidate_rows(table: Table, nim: dict) -> None:
+    evals = sorted(nim.get("evaluations") or [], key=lambda e: _EVAL_ORDER.get(e["eval_type"], 9))
+    base = next((e for e in evals if e["eval_type"] == "base-eval" and e.get("scores")), None)
+    base_f1 = (base or {}).get("scores", {}).get("f1_score")
+    train = next(iter(nim.get("customizations") or []), {})
+    params = nim.get("params")
+    trained = train.get("runtime_seconds")
+    facts = [f"{params / 1e6:.1f}M" if params else "", f"train {_secs(trained)}" if trained else ""]
+    about = " · ".join(f for f in facts if f)
+    star = " ★" if nim.get("recommended") else ""
+    status = "" if nim["status"] == "completed" else f" [red]{nim['status']}[/red]"
+    head = f"[bold]{short_name(nim['model_name'])}[/bold]{star}{status}"
+    table.add_row(head + (f"\n[dim]{about}[/dim]" if about else ""), *[""] * 5)
+    for ev in evals:
+        s = ev.get("scores") or {}
+        f1 = s.get("f1_score")
+        delta = "—" if base_f1 is None or f1 is None or ev is base else f"{f1 - base_f1:+.3f}"
+        error = f" [red]({ev['error'][:30]})[/red]" if ev.get("error") else ""
+        table.add_row(
+            f"  {ev['eval_type']}{error}",
+            _num(f1),
+            delta,
+            _num(s.get("accuracy")),
+            _num(s.get("macro_f1")),
+            _num(s.get("rows_per_s"), ".1f"),
+        )
+
+
 def recommendation_lines(job: dict) -> list[str]:
-    """The job's recommendation (computed by the job service) and every candidate's cost."""
+    """The job's recommendation as one sentence (computed by the job service)."""
     rec = job.get("recommendation")
     if not rec:
         return ["no recommendation: no candidate finished an evaluation"]
-    lines = [f"recommended: [bold]{short_name(rec['model_name'])}[/bold] — {rec['reason']}"]
-    relative = rec.get("relative_cost") or {}
-    for nim in job.get("nims") or []:
-        cost = _cost_per_1k(nim)
-        if cost is None:
-            continue
-        rel = relative.get(nim["model_name"])
-        rel_text = f" ({rel:.2f}× the recommended)" if rel else ""
-        lines.append(f"  {short_name(nim['model_name'])}: {cost:.1f} s per 1k rows{rel_text}")
-    return lines
+    return [f"[bold]recommended:[/bold] {rec['reason']}"]
 
 
 def stage_timings(job: dict) -> Table:

@@ -79,19 +79,41 @@ def recommend(candidates: Sequence[CandidateResult], tolerance: float) -> dict |
         "cost_per_1k_rows_s": cost_1k,
         "params": cand.params,
         "relative_cost": relative,
-        "reason": _reason(tolerance, best, best_eval, best_f1, cand, chosen, f1, cost_1k, relative),
+        "reason": _reason(
+            cand,
+            chosen,
+            f1,
+            cost_1k,
+            best if best is not cand else None,
+            best_f1,
+            tolerance,
+            [
+                (o.model_name, relative.get(o.model_name), score)
+                for o, _, score, _ in scored
+                if o is not cand
+            ],
+        ),
     }
 
 
-def _reason(tolerance, best, best_eval, best_f1, cand, chosen, f1, cost_1k, relative) -> str:
-    reason = (
-        f"cheapest candidate within {tolerance:g} macro-F1 of the best "
-        f"({best.model_name} {best_eval.eval_type}: {best_f1:.3f}); "
-        f"{cand.model_name} {chosen.eval_type} scores {f1:.3f}"
+def _short(model_name: str) -> str:
+    return model_name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _reason(cand, chosen, f1, cost_1k, best, best_f1, tolerance, others) -> str:
+    """One sentence that names the recommended model once, with its score and cost, then
+    each other candidate's cost ratio and score. ``best`` is None when it is the best."""
+    text = (
+        f"{_short(cand.model_name)} ({chosen.eval_type}) scores macro-F1 {f1:.3f} "
+        "against the teacher"
     )
+    if best is None:
+        text += ", the best of the candidates"
+    else:
+        text += f", within {tolerance:g} of the best ({_short(best.model_name)}: {best_f1:.3f})"
     if cost_1k is not None:
-        reason += f" at {cost_1k:.1f} s per 1k rows"
-    others = [f"{m} {r:.2g}x" for m, r in relative.items() if m != cand.model_name]
-    if others:
-        reason += " (others cost " + ", ".join(others) + " as much)"
-    return reason
+        text += f", at {cost_1k:.1f} s of compute per 1k rows"
+    for name, ratio, score in others:
+        cost = f"costs {ratio:.3g}x as much" if ratio else "has no measured cost"
+        text += f"; {_short(name)} {cost} (macro-F1 {score:.3f})"
+    return text + "."

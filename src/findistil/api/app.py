@@ -22,6 +22,7 @@ from importlib import resources
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -192,6 +193,9 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
             version=findistil.__version__,
         )
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    # the dashboard's files, from the installed package (offline: nothing from a CDN)
+    app.mount("/static", StaticFiles(packages=[("findistil.api", "static")]), name="static")
 
     @app.get("/", response_class=HTMLResponse, response_model=None, include_in_schema=False)
     def dashboard() -> HTMLResponse:

@@ -161,6 +161,7 @@ def predictions_url(job_id: str, eval_id: int) -> str:
 
 def _evaluation(job_id: str, row) -> dict:
     has_predictions = row.status == "completed" and bool(row.predictions_key)
+    report = row.report or {}
     return {
         "id": row.id,
         "eval_type": row.eval_type,
@@ -173,6 +174,8 @@ def _evaluation(job_id: str, row) -> dict:
         "nmp_uri": row.nmp_uri,
         "mlflow_uri": row.mlflow_uri,
         "predictions_url": predictions_url(job_id, row.id) if has_predictions else None,
+        "per_class": report.get("per_class"),  # {label: {precision, recall, f1, support}}
+        "confusion": report.get("confusion"),  # {labels, columns, matrix}: teacher x student
         "error": row.error,
     }
 
