@@ -18,7 +18,9 @@ def test_cheapest_within_tolerance():
     assert rec["model_name"] == "small" and rec["best_model_name"] == "big"
     assert rec["relative_cost"] == {"big": 10.0, "small": 1.0}
     assert rec["cost_per_1k_rows_s"] == pytest.approx(10.0)
-    assert "within 0.02 macro-F1" in rec["reason"] and "big 10x" in rec["reason"]
+    assert "within 0.02 macro-F1 of the best" in rec["reason"]
+    assert "; big costs 10x as much (macro-F1 0.900)" in rec["reason"]
+    assert rec["reason"].count("big") == 1 and rec["reason"].count("small") == 1
     # outside the tolerance the best one wins even though it costs more
     assert recommend(cands, 0.005)["model_name"] == "big"
     # same speed: fewer parameters wins

@@ -84,8 +84,7 @@ def recommend(candidates: Sequence[CandidateResult], tolerance: float) -> dict |
             chosen,
             f1,
             cost_1k,
-            best if best is not cand else None,
-            best_f1,
+            best is cand,
             tolerance,
             [
                 (o.model_name, relative.get(o.model_name), score)
@@ -100,17 +99,17 @@ def _short(model_name: str) -> str:
     return model_name.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _reason(cand, chosen, f1, cost_1k, best, best_f1, tolerance, others) -> str:
+def _reason(cand, chosen, f1, cost_1k, is_best, tolerance, others) -> str:
     """One sentence that names the recommended model once, with its score and cost, then
-    each other candidate's cost ratio and score. ``best`` is None when it is the best."""
+    each other candidate's cost ratio and score."""
     text = (
         f"{_short(cand.model_name)} ({chosen.eval_type}) scores macro-F1 {f1:.3f} "
         "against the teacher"
     )
-    if best is None:
+    if is_best:
         text += ", the best of the candidates"
     else:
-        text += f", within {tolerance:g} of the best ({_short(best.model_name)}: {best_f1:.3f})"
+        text += f", within {tolerance:g} macro-F1 of the best"
     if cost_1k is not None:
         text += f", at {cost_1k:.1f} s of compute per 1k rows"
     for name, ratio, score in others:

@@ -48,7 +48,9 @@ def test_health_reports_database_and_runner(client):
     assert answer.json()["runner"] == "alive"
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert 'fetch("/api/jobs' in page.text or "fetch(`/api/jobs" in page.text
+    assert '<script src="/static/dashboard.js">' in page.text
+    script = client.get("/static/dashboard.js")
+    assert script.status_code == 200 and 'getJSON("/api/jobs' in script.text
 
 
 # -- the job lifecycle ------------------------------------------------------------------
