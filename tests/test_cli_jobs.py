@@ -145,3 +145,26 @@ def test_unreachable_api_is_a_clear_error(findistil_home):
     result = _script("jobs", "list", "--api-url", "http://127.0.0.1:9")
     assert result.returncode == 2
     assert "cannot reach the findistil API at http://127.0.0.1:9" in " ".join(result.stderr.split())
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_progress_bars_fit_the_terminal_and_keep_stage_names(monkeypatch, width):
+    import io
+
+    from rich.console import Console
+
+    from findistil import cli
+    from findistil.progress import Progress
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "err_console", Console(file=out, width=width, force_terminal=False))
+    stages = ["SmolLM2-135M-Instruct customization", "all-MiniLM-L6-v2 customized-eval"]
+    with cli.progress_bars() as report:
+        report(Progress(stages[0], 57, 100, {"epochs": 1, "steps": 57}))
+        report(Progress(stages[1], 100, 100, {"f1": 0.8}))
+    lines = out.getvalue().splitlines()
+    assert lines and all(len(line) <= width for line in lines)
+    assert "…" not in out.getvalue() and "\r" not in out.getvalue()
+    for stage, line in zip(stages, lines, strict=True):
+        assert line.startswith(stage) and " 57%" in lines[0] and "100%" in lines[1]
+    assert ("57/100" in lines[0]) == (width >= 110)  # the row count only when there is room

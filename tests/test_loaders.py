@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -244,3 +245,25 @@ def test_cli_demo_and_usage_errors(tmp_path):
     assert runner.invoke(app, ["load"]).exit_code == 2  # neither FILE nor --demo
     result = runner.invoke(app, ["logs"])
     assert "news_classifier" in result.output
+
+
+def test_cli_noun_groups_json_and_aliases(tmp_path):
+    good = write(tmp_path / "good.jsonl", [log_line(i) for i in range(4)])
+    result = runner.invoke(app, ["logs", "load", str(good), "--client-id", "k"])
+    assert result.exit_code == 0 and "loaded 4, rejected 0" in result.output
+    expected = {"workloads": [{"workload_id": "w", "client_id": "k", "records": 4}]}
+    for args in (["logs", "--json"], ["logs", "list", "--json"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and json.loads(result.output) == expected
+    result = runner.invoke(app, ["logs", "curate", "--workload-id", "w", "--client-id", "k"])
+    assert isinstance(result.exception, DataError)  # too few records: says what to run
+    assert "findistil logs load" in str(result.exception)
+    helped = runner.invoke(app, ["--help"], terminal_width=100).output
+    assert "logs" in helped and "models" in helped
+    assert re.search(r"load .*\(deprecated\)", helped)
+    assert "Alias of `findistil logs load`" in helped
+    result = runner.invoke(app, ["models", "list", "--json"])
+    models = {m["model_id"]: m for m in json.loads(result.output)["models"]}
+    assert models["sentence-transformers/all-MiniLM-L6-v2"]["installed"] is True
+    table = runner.invoke(app, ["models", "list"], terminal_width=80).output
+    assert "│ sentence-transformers/all-MiniLM-L6-v2 │ wheel" in table and "…" not in table

