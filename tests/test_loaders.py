@@ -81,7 +81,8 @@ def test_bad_lines_rejected_with_file_line_and_reason(tmp_path, store):
     path = write(tmp_path / "mixed.jsonl", lines)
     report = load_file(path, store)
     non_blank = sum(1 for line in lines if line.strip())
-    assert report.lines == non_blank == report.loaded + report.rejected
+    assert report.lines == len(lines) == report.loaded + report.rejected + report.blank
+    assert report.loaded + report.rejected == non_blank and report.blank == 1
     assert (report.loaded, report.rejected) == (2, 7)
     assert store.count("w", "c") == 2
     assert [e.split(": ", 1)[0] for e in report.errors] == [

@@ -108,7 +108,8 @@ def load(
 
     if (file is None) == (not demo):
         raise typer.BadParameter("give a FILE or --demo (not both)")
-    with open_logstore(get_settings(config)) as store, progress_bars() as progress:
+    settings = get_settings(config)
+    with open_logstore(settings) as store, progress_bars() as progress:
         if demo:
             report = load_demo(
                 store, records=records, client_id=client_id or "demo", replace=replace,
@@ -117,7 +118,7 @@ def load(
         else:
             report = load_file(
                 file, store, workload_id=workload_id, client_id=client_id, replace=replace,
-                progress=progress,
+                progress=progress, max_record_bytes=settings.max_record_bytes,
             )  # fmt: skip
     for line in report.errors[:20]:
         err_console.print(f"[yellow]rejected[/yellow] {line}", markup=True, highlight=False)
@@ -131,6 +132,7 @@ def load(
     console.print(table)
     console.print(
         f"lines {report.lines}: loaded {report.loaded}, rejected {report.rejected}"
+        + (f", blank {report.blank}" if report.blank else "")
         + (f", replaced {report.replaced} old records" if replace else "")
     )
     if report.rejected:

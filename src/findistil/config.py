@@ -235,6 +235,9 @@ class Settings(BaseSettings):
         60.0, ge=2, description="a running job/candidate whose owner is silent this long fails"
     )
     student_cache_size: int = Field(2, ge=1, description="students kept loaded per process")
+    max_record_bytes: int = Field(
+        1 << 20, ge=1024, description="a longer log line or CSV row is rejected on load"
+    )
     recommendation_tolerance: float = Field(0.02, ge=0, description="macro-F1 gap accepted")
 
     nims: list[NimConfig] = Field(default_factory=_default_nims)

@@ -11,8 +11,10 @@ Three input shapes (REFERENCE §1), detected per file/line:
   the teacher answer ``[[label]]``.
 
 Files stream line by line into batched inserts, so memory does not grow with the file. A bad
-line is rejected with ``file:line: reason`` and loading goes on; ``lines = loaded + rejected``
-always holds. ``replace=True`` swaps a workload/client's records in one transaction.
+line (not UTF-8, not JSON, NaN/Infinity, too deep, over ``max_record_bytes``, a bad field or
+timestamp) is rejected with ``file:line: reason`` and loading goes on; ``lines = loaded +
+rejected + blank`` always holds. A UTF-8 BOM is accepted; only standard JSON is stored.
+``replace=True`` swaps a workload/client's records in one transaction.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from findistil.logstore import LogStore
 from findistil.progress import Progress, ProgressFn, no_progress
 from findistil.records import LogRecord
 
+BOM = b"\xef\xbb\xbf"
+MAX_RECORD_BYTES = 1 << 20  # Settings.max_record_bytes
 MAX_ERRORS_KEPT = 200  # messages kept in the report; every rejection is still counted
 PROGRESS_EVERY = 500  # lines between progress events
 DEMO_FILE = "demo_headlines.csv"
@@ -43,10 +47,12 @@ DEMO_FILE = "demo_headlines.csv"
 
 @dataclass
 class LoadReport:
-    """What a load did. ``lines == loaded + rejected``; ``errors`` holds ``file:line: reason``."""
+    """What a load did. ``lines == loaded + rejected + blank``; ``errors`` holds
+    ``file:line: reason``."""
 
     loaded: int = 0
     rejected: int = 0
+    blank: int = 0
     errors: list[str] = field(default_factory=list)
     replaced: int = 0
     source_format: str = ""
@@ -54,7 +60,7 @@ class LoadReport:
 
     @property
     def lines(self) -> int:
-        return self.loaded + self.rejected
+        return self.loaded + self.rejected + self.blank
 
     def reject(self, where: str, reason: str) -> None:
         self.rejected += 1
@@ -139,24 +145,78 @@ def _validated(record: dict[str, Any]) -> dict[str, Any]:
         raise _Rejected(_pydantic_reason(exc)) from None
     # The record is stored as logged; only the timestamp is normalised (int, default now).
     record["timestamp"] = parsed.timestamp
+    try:
+        text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Rejected(
+            "a string holds a lone surrogate (e.g. \\ud800): not valid Unicode"
+        ) from None
+    if "\\u0000" in text or "\x00" in text:
+        raise _Rejected("a string holds a NUL character (\\u0000): not storable")
     return record
 
 
+def _read_lines(fh, limit: int) -> Iterator[tuple[int, bytes | int]]:
+    """(line number, bytes) per line of a binary file; for a line over ``limit`` bytes its
+    size instead, read on in chunks so that memory stays bounded."""
+    lineno = 0
+    while line := fh.readline(limit + 1):
+        lineno += 1
+        if len(line) <= limit or line.endswith(b"\n") and len(line) == limit + 1:
+            yield lineno, line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n") and (line := fh.readline(1 << 20)):
+            size += len(line)
+        yield lineno, size
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not standard JSON")
+
+
+def _json_object(raw: bytes | int, lineno: int, limit: int) -> dict[str, Any] | None:
+    """The line's JSON object, None for a blank line; raises _Rejected with the reason."""
+    if isinstance(raw, int):
+        raise _Rejected(
+            f"record is {raw:,} bytes, over max_record_bytes ({limit:,}): split the record "
+            "or raise max_record_bytes"
+        )
+    if lineno == 1 and raw.startswith(BOM):
+        raw = raw[len(BOM) :]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Rejected(
+            f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+        ) from None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise _Rejected(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise _Rejected("invalid JSON (nested too deeply)") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer of thousands of digits
+        raise _Rejected(f"invalid JSON ({str(exc)[:80]})") from None
+    if not isinstance(obj, dict):
+        raise _Rejected(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _jsonl_records(
-    path: Path, workload_id: str | None, client_id: str | None, report: LoadReport
-) -> Iterator[tuple[int, dict[str, Any] | _Rejected]]:
+    path: Path, workload_id: str | None, client_id: str | None, report: LoadReport, limit: int
+) -> Iterator[tuple[int, dict[str, Any] | _Rejected | None]]:
     derived = client_id or client_id_from_path(path)
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue  # blank lines are not records (not counted either way)
+    with path.open("rb") as fh:
+        for lineno, raw in _read_lines(fh, limit):
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise _Rejected(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(obj, dict):
-                    raise _Rejected(f"expected a JSON object, got {type(obj).__name__}")
+                obj = _json_object(raw, lineno, limit)
+                if obj is None:
+                    yield lineno, None
+                    continue
                 if "workload_id" in obj or "request" in obj:
                     report.source_format = report.source_format or "log"
                     record = _from_log_row(obj, workload_id, client_id, derived)
@@ -170,16 +230,47 @@ def _jsonl_records(
                 yield lineno, _validated(record)
             except _Rejected as exc:
                 yield lineno, exc
+            except RecursionError:
+                yield lineno, _Rejected("record nested too deeply")
+
+
+def _csv_lines(fh, report: LoadReport, limit: int) -> Iterator[str]:
+    """The file's lines for csv, counting blank ones (csv skips them); an over-long line is
+    cut to ``limit`` characters plus a marker the row check rejects."""
+    for line in fh:
+        if not line.strip():
+            report.blank += 1
+        yield line if len(line) <= limit else line[:limit] + _TOO_LONG + "\n"
+
+
+_TOO_LONG = "\x00findistil-over-max-record-bytes"
+
+
+def _csv_row_problem(row: dict[str | None, Any], columns: list[str], lineno: int) -> str | None:
+    """Why a CSV row cannot be a record, or None."""
+    values = [v for key, v in row.items() if key is not None and v is not None]
+    if any(_TOO_LONG in v for v in values):
+        return "row over max_record_bytes: split it or raise max_record_bytes"
+    if any("\n" in v or "\r" in v for v in values):
+        return f"a quoted field runs over several lines up to line {lineno} (unterminated quote?)"
+    if None in row or len(values) < len(columns):
+        got = len(values) + len(row.get(None) or [])
+        return f"{got} fields, expected {len(columns)}"
+    try:
+        "".join(values).encode("utf-8")
+    except UnicodeEncodeError:
+        return "not UTF-8 text"
+    return None
 
 
 def _csv_records(
-    path: Path, workload_id: str | None, client_id: str | None, report: LoadReport
-) -> Iterator[tuple[int, dict[str, Any] | _Rejected]]:
+    path: Path, workload_id: str | None, client_id: str | None, report: LoadReport, limit: int
+) -> Iterator[tuple[int, dict[str, Any] | _Rejected | None]]:
     report.source_format = "headline-csv"
     workload = workload_id or taxonomy.WORKLOAD_ID
     client = client_id or client_id_from_path(path)
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        reader = csv.DictReader(_csv_lines(fh, report, limit))
         columns = [c.strip() for c in reader.fieldnames or []]
         reader.fieldnames = columns
         label_col = "teacher_label" if "teacher_label" in columns else "label"
@@ -190,31 +281,30 @@ def _csv_records(
             )
         for row in reader:
             lineno = reader.line_num
-            headline = (row.get("headline") or "").strip()
-            label = (row.get(label_col) or "").strip()
-            if None in row:
-                yield (
-                    lineno,
-                    _Rejected(f"{len(columns) + len(row[None])} fields, expected {len(columns)}"),
-                )
-                continue
-            if not headline:
-                yield lineno, _Rejected("empty headline")
-                continue
             try:
-                record = headline_record(headline, label, workload, client)
-            except ValueError:
-                yield (
-                    lineno,
-                    _Rejected(
-                        f"unknown label {label!r} in column {label_col}: use one of the 13 classes "
-                        f"({', '.join(taxonomy.LABELS)})"
-                    ),
-                )
-                continue
-            if row.get("id"):
-                record["source_id"] = row["id"]
-            yield lineno, _validated(record)
+                yield lineno, _csv_record(row, columns, label_col, lineno, workload, client)
+            except _Rejected as exc:
+                yield lineno, exc
+
+
+def _csv_record(row, columns, label_col, lineno, workload, client) -> dict[str, Any]:
+    problem = _csv_row_problem(row, columns, lineno)
+    if problem:
+        raise _Rejected(problem)
+    headline = (row.get("headline") or "").strip()
+    label = (row.get(label_col) or "").strip()
+    if not headline:
+        raise _Rejected("empty headline")
+    try:
+        record = headline_record(headline, label, workload, client)
+    except ValueError:
+        raise _Rejected(
+            f"unknown label {label!r} in column {label_col}: use one of the 13 classes "
+            f"({', '.join(taxonomy.LABELS)})"
+        ) from None
+    if row.get("id"):
+        record["source_id"] = row["id"]
+    return _validated(record)
 
 
 def load_file(
@@ -225,6 +315,7 @@ def load_file(
     client_id: str | None = None,
     replace: bool = False,
     progress: ProgressFn = no_progress,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> LoadReport:
     """Load one JSONL or CSV file into ``store``.
 
@@ -233,22 +324,25 @@ def load_file(
         workload_id, client_id: override/set the ids of every record (see module docstring).
         replace: empty each workload/client the file writes to first, in the same transaction.
         progress: receives ``Progress("load", lines_read, lines_total, {loaded, rejected})``.
+        max_record_bytes: a longer line (or CSV row) is rejected, read without being held.
 
     Returns:
-        a LoadReport; rejected lines are listed as ``file:line: reason``.
+        a LoadReport; rejected lines are listed as ``file:line: reason``. A missing,
+        unreadable or empty file, a directory or a FIFO raises DataError instead.
 
     Example: ``load_file("logs.jsonl", store, client_id="app-1").loaded``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: give the path of a .jsonl or .csv file")
+    _check_readable(path)
     report = LoadReport()
     total = _count_lines(path)
     reader = _csv_records if path.suffix.lower() == ".csv" else _jsonl_records
     lineno = 0
     with store.writer(replace=replace) as writer:
-        for lineno, item in reader(path, workload_id, client_id, report):
-            if isinstance(item, _Rejected):
+        for lineno, item in reader(path, workload_id, client_id, report, max_record_bytes):
+            if item is None:
+                report.blank += 1
+            elif isinstance(item, _Rejected):
                 report.reject(f"{path}:{lineno}", str(item))
             else:
                 writer.add(item)
@@ -260,6 +354,23 @@ def load_file(
         report.replaced = writer.deleted
     progress(Progress("load", max(lineno, total), max(lineno, total), _info(report)))
     return report
+
+
+def _check_readable(path: Path) -> None:
+    """One clear file-level error for a path that is not a readable, non-empty file."""
+    if not path.exists():
+        raise DataError(f"{path} does not exist: give the path of a .jsonl or .csv file")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: give the path of a .jsonl or .csv file in it")
+    if not path.is_file():
+        raise DataError(f"{path} is not a regular file (a FIFO or device?): copy it to a file")
+    try:
+        with path.open("rb") as fh:
+            empty = not fh.read(1)
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror}): check its permissions") from None
+    if empty:
+        raise DataError(f"{path} is empty: nothing to load")
 
 
 def _info(report: LoadReport) -> dict[str, int]:

@@ -45,6 +45,9 @@ class ChatResponse(_Open):
     choices: list[Choice] = Field(min_length=1)
 
 
+MIN_TIMESTAMP, MAX_TIMESTAMP = 0, 4_102_444_800  # 1970-01-01 .. 2100-01-01 (UTC)
+
+
 class LogRecord(_Open):
     """One logged call. ``request``/``response`` keep every key the application logged."""
 
@@ -57,9 +60,15 @@ class LogRecord(_Open):
     @field_validator("timestamp", mode="before")
     @classmethod
     def _int_timestamp(cls, v: Any) -> Any:
-        if isinstance(v, float):
-            return int(v)
-        return v
+        """Unix seconds between 1970 and 2100 (a float is cut to whole seconds)."""
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"must be Unix seconds (a number), got {type(v).__name__}")
+        if not MIN_TIMESTAMP <= v <= MAX_TIMESTAMP:  # also NaN, which compares False
+            hint = (
+                "; milliseconds? divide by 1000" if MAX_TIMESTAMP < v < MAX_TIMESTAMP * 1000 else ""
+            )
+            raise ValueError(f"must be Unix seconds between 1970 and 2100, got {v!r:.30}{hint}")
+        return int(v)
 
     def to_json_dict(self) -> dict[str, Any]:
         """The record as plain JSON data, with keys the application did not send left out."""
