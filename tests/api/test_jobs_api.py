@@ -177,6 +177,30 @@ def test_non_json_body_is_422(client):
     assert answer.status_code == 422
 
 
+@pytest.mark.parametrize(
+    "raw, where",
+    [
+        (
+            b'{"workload_id": "w", "client_id": "c", "data_split_config": {"val_ratio": NaN}}',
+            "val_ratio",
+        ),
+        (
+            b'{"workload_id": "w", "client_id": "c", "data_split_config": {"eval_size": Infinity}}',
+            "eval_size",
+        ),
+        (b'{"workload_id": "\\ud800", "client_id": "c"}', "workload_id"),
+        (b'{"workload_id": "w", "client_id": "a\\u0000b"}', "client_id"),
+        (b'{"workload_id": "w", "client_id": "c", "extra": "' + b"x" * 60_000 + b'"}', "extra"),
+    ],
+)
+def test_hostile_bodies_are_short_422s_never_500(client, raw, where):
+    answer = client.post("/api/jobs", content=raw, headers={"content-type": "application/json"})
+    assert answer.status_code == 422, answer.text
+    assert len(answer.content) < 2_000  # an excerpt of the value, not the body echoed back
+    assert any(where in err["loc"] for err in answer.json()["detail"])
+    assert client.get("/health").status_code == 200  # the connection and the server live on
+
+
 def test_too_few_records_is_400_with_the_count(client):
     answer = client.post(
         "/api/jobs", json={"workload_id": "news_classifier", "client_id": "nobody"}
@@ -281,7 +305,8 @@ def test_paging_and_filters(idle_client):
         ids[4],
         ids[2],
     ]
-    for bad in ({"limit": 0}, {"offset": -1}, {"status": "queued"}, {"limit": "x"}):
+    huge = {"offset": 2**63}
+    for bad in ({"limit": 0}, {"offset": -1}, {"status": "queued"}, {"limit": "x"}, huge):
         assert idle_client.get("/api/jobs", params=bad).status_code == 422, bad
 
 

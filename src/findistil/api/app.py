@@ -21,6 +21,7 @@ from importlib import resources
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
@@ -93,6 +94,34 @@ async def _no_receive() -> Message:  # pragma: no cover - JSONResponse never rea
     return {"type": "http.disconnect"}
 
 
+EXCERPT_CHARS = 80  # of a rejected value, in a 422 answer
+
+
+def _excerpt(value: object) -> str:
+    """A short, always-encodable rendering of a value a client sent."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "..."
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    """422 naming each bad field with an excerpt of what was sent, never the whole body."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    detail = [
+        {
+            "loc": [str(p) for p in e.get("loc", ())],
+            "msg": _excerpt(e.get("msg", "")),
+            "type": e.get("type", ""),
+            **({"input": _excerpt(e["input"])} if "input" in e else {}),
+        }
+        for e in errors[:20]
+    ]
+    if len(errors) > 20:
+        detail.append({"loc": [], "msg": f"{len(errors) - 20} more errors", "type": "more"})
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 def _findistil_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, FindistilError)
     return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
@@ -162,6 +191,7 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     )
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     app.add_exception_handler(FindistilError, _findistil_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(jobs_router)
     from findistil.api.openai import router as openai_router  # OpenAI-compatible serving
 

@@ -50,7 +50,7 @@ def list_jobs(
     status: JobStatus | None = None,
     workload_id: str | None = None,
     limit: int | None = Query(None, ge=1, le=1000, description="at most this many jobs"),
-    offset: int = Query(0, ge=0, description="skip this many (newest first)"),
+    offset: int = Query(0, ge=0, le=2**31 - 1, description="skip this many (newest first)"),
 ):
     """All jobs, newest first; ``limit``/``offset`` page, ``status``/``workload_id`` filter."""
     rows = service.list_jobs(db, status=status, workload_id=workload_id, limit=limit, offset=offset)

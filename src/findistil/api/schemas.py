@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 # ISO 8601 text (as the job service returns it) or a datetime (serialised to ISO 8601).
@@ -33,7 +33,7 @@ class DataSplitOverride(BaseModel):
     after the merge and come back as 400 naming the key.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     eval_size: int | None = Field(None, ge=1)
     val_ratio: float | None = Field(None, ge=0.0, lt=1.0)
@@ -54,6 +54,17 @@ class JobRequest(BaseModel):
     workload_id: str = Field(..., min_length=1, max_length=256)
     client_id: str = Field(..., min_length=1, max_length=256)
     data_split_config: DataSplitOverride | None = None
+
+    @field_validator("workload_id", "client_id")
+    @classmethod
+    def _storable(cls, value: str) -> str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("holds a lone surrogate (\\ud800...): not valid Unicode") from None
+        if "\x00" in value:
+            raise ValueError("holds a NUL character")
+        return value
 
 
 # -- responses ----------------------------------------------------------------------------
