@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -144,3 +146,21 @@ def test_any_bytes_in_leave_stored_plus_rejected_plus_blank_equal_lines(tmp_path
 def test_label_parser_takes_any_text(text):
     parsed = taxonomy.parse_label(text)
     assert parsed.label in taxonomy.LABELS
+
+
+@pytest.mark.parametrize(
+    "args", [["logs"], ["logs", "load", "--demo"], ["serve", "--port", "1"], ["worker"]]
+)
+def test_unwritable_home_is_one_line_and_exit_2(tmp_path, args):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    env = {**os.environ, "FINDISTIL_HOME": str(blocker / "home")}
+    env.pop("FINDISTIL_DATABASE_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "findistil.cli", *args],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert f"cannot create {blocker / 'home'}" in done.stderr.replace("\n", "")
+    assert "FINDISTIL_HOME" in done.stderr

@@ -320,6 +320,7 @@ def serve(
     settings = get_settings(config)
     if runner is not None:
         settings = _with(settings, runner=runner)
+    _check_database(settings)
     console_mod.quiet_third_party_bars()
     uvicorn.run(create_app(settings), host=host, port=port)
 
@@ -347,8 +348,16 @@ def worker(
     if torch_threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(torch_threads)
     names = [q.strip() for q in (queues or "").split(",") if q.strip()] or None
+    _check_database(settings)
     console_mod.quiet_third_party_bars()
     run_worker(settings, concurrency=concurrency, queues=names)
+
+
+def _check_database(settings: Settings) -> None:
+    """Fail before start-up, in one line, when the home or the SQLite file is not writable."""
+    from findistil.database import make_engine
+
+    make_engine(settings.db_url).dispose()
 
 
 def _with(settings: Settings, **values) -> Settings:
@@ -466,8 +475,19 @@ def main() -> None:
     try:
         app()
     except FindistilError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise SystemExit(exc.exit_code) from None
+    except Exception as exc:
+        from sqlalchemy.exc import OperationalError
+
+        if not isinstance(exc, OperationalError):
+            raise
+        err_console.print(
+            f"[red]error:[/red] the database refused ({exc.orig}): check that database_url "
+            "(or FINDISTIL_HOME) is reachable and writable",
+            highlight=False,
+        )
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ write lock that ``BEGIN IMMEDIATE`` takes; either way it is one transaction.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+
+from findistil.errors import ConfigError
 
 Migration = Callable[[Connection], None]
 
@@ -35,7 +38,7 @@ def make_engine(url: str) -> Engine:
         return sa.create_engine(url, pool_pre_ping=True)
     path = sa.engine.make_url(url).database
     if path and path != ":memory:":
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        check_writable(Path(path).expanduser())
     engine = sa.create_engine(
         url, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True
     )
@@ -51,6 +54,19 @@ def make_engine(url: str) -> Engine:
         cur.close()
 
     return engine
+
+
+def check_writable(db_file: Path) -> None:
+    """Create the SQLite file's folder; a ConfigError naming the path when it cannot be
+    written (a read-only home, a file in the way), instead of a driver traceback later."""
+    hint = "set FINDISTIL_HOME (or database_url) to a writable place"
+    try:
+        db_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {db_file.parent} ({exc.strerror}): {hint}") from None
+    target = db_file if db_file.exists() else db_file.parent
+    if not os.access(target, os.W_OK) or (db_file.exists() and not db_file.is_file()):
+        raise ConfigError(f"cannot write {target}: {hint}")
 
 
 def _version_table(name: str) -> sa.Table:
