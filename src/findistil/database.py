@@ -19,6 +19,8 @@ write lock that ``BEGIN IMMEDIATE`` takes; either way it is one transaction.
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -47,13 +49,28 @@ def make_engine(url: str) -> Engine:
     def _pragmas(dbapi_conn, _record):  # noqa: ANN001 - DB-API connection
         # WAL lets the API read while a runner or a load writes; NORMAL sync is safe in WAL.
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        _wal(cur)
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
 
     return engine
+
+
+def _wal(cur, wait_s: float = 30.0) -> None:
+    """Switch a SQLite file to WAL. The switch needs the file to itself and SQLite answers
+    "database is locked" at once (no busy wait) while another connection migrates a fresh
+    file, so it is retried for up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def check_writable(db_file: Path) -> None:
