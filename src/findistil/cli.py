@@ -98,6 +98,13 @@ def load(
     replace: Annotated[bool, typer.Option(help="swap out the workload/client's records")] = False,
     demo: Annotated[bool, typer.Option(help="load the built-in demo headlines")] = False,
     records: Annotated[int | None, typer.Option(help="--demo: a stratified subset")] = None,
+    redact_pii: Annotated[
+        bool | None,
+        typer.Option(
+            "--redact-pii/--no-redact-pii",
+            help="replace e-mails, phones, cards, IBANs, SSNs by placeholders [config redact_pii]",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Load logged LLM calls into the log store (exit code 2 when lines were rejected)."""
@@ -109,6 +116,7 @@ def load(
     if (file is None) == (not demo):
         raise typer.BadParameter("give a FILE or --demo (not both)")
     settings = get_settings(config)
+    redact = settings.redact_pii if redact_pii is None else redact_pii
     with open_logstore(settings) as store, progress_bars() as progress:
         if demo:
             report = load_demo(
@@ -119,6 +127,7 @@ def load(
             report = load_file(
                 file, store, workload_id=workload_id, client_id=client_id, replace=replace,
                 progress=progress, max_record_bytes=settings.max_record_bytes,
+                redact_pii=redact,
             )  # fmt: skip
     for line in report.errors[:20]:
         err_console.print(f"[yellow]rejected[/yellow] {line}", markup=True, highlight=False)
@@ -135,6 +144,9 @@ def load(
         + (f", blank {report.blank}" if report.blank else "")
         + (f", replaced {report.replaced} old records" if replace else "")
     )
+    if redact and not demo:
+        found = ", ".join(f"{k} {n}" for k, n in sorted(report.redacted.items())) or "none found"
+        console.print(f"redacted: {found}")
     if report.rejected:
         raise typer.Exit(2)
 

@@ -238,6 +238,9 @@ class Settings(BaseSettings):
     max_record_bytes: int = Field(
         1 << 20, ge=1024, description="a longer log line or CSV row is rejected on load"
     )
+    redact_pii: bool = Field(
+        False, description="replace e-mails, phones, cards, IBANs and SSNs on load"
+    )
     recommendation_tolerance: float = Field(0.02, ge=0, description="macro-F1 gap accepted")
 
     nims: list[NimConfig] = Field(default_factory=_default_nims)

@@ -38,6 +38,7 @@ from findistil.config import DataSplitConfig
 from findistil.errors import ConfigError, DataError
 from findistil.progress import Progress, ProgressFn, no_progress
 from findistil.records import answer_text, format_problem, to_training_row, user_contents
+from findistil.redact import placeholder_counts
 
 CLASSIFICATION = "classification"
 TOOL_CALLING = "tool_calling"
@@ -316,6 +317,7 @@ def curate_records(
             "oldest": min(timestamps, default=None),
         },
         "files": {name: {"path": FILES[name], "sha256": hashes[name]} for name in texts},
+        "redacted_pii": placeholder_counts(list(texts.values())),
         "content_sha256": hashlib.sha256("".join(hashes.values()).encode()).hexdigest(),
     }
     paths: dict[str, Path] = {}

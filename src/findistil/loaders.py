@@ -23,7 +23,7 @@ import csv
 import json
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -37,6 +37,7 @@ from findistil.errors import DataError
 from findistil.logstore import LogStore
 from findistil.progress import Progress, ProgressFn, no_progress
 from findistil.records import LogRecord
+from findistil.redact import redact_record
 
 BOM = b"\xef\xbb\xbf"
 MAX_RECORD_BYTES = 1 << 20  # Settings.max_record_bytes
@@ -57,6 +58,7 @@ class LoadReport:
     replaced: int = 0
     source_format: str = ""
     targets: dict[tuple[str, str], int] = field(default_factory=dict)
+    redacted: Counter[str] = field(default_factory=Counter)  # placeholders per PII type
 
     @property
     def lines(self) -> int:
@@ -316,6 +318,7 @@ def load_file(
     replace: bool = False,
     progress: ProgressFn = no_progress,
     max_record_bytes: int = MAX_RECORD_BYTES,
+    redact_pii: bool = False,
 ) -> LoadReport:
     """Load one JSONL or CSV file into ``store``.
 
@@ -325,6 +328,8 @@ def load_file(
         replace: empty each workload/client the file writes to first, in the same transaction.
         progress: receives ``Progress("load", lines_read, lines_total, {loaded, rejected})``.
         max_record_bytes: a longer line (or CSV row) is rejected, read without being held.
+        redact_pii: replace e-mails, phones, cards, IBANs and SSNs in request and response
+            text by typed placeholders before storing (counts in ``report.redacted``).
 
     Returns:
         a LoadReport; rejected lines are listed as ``file:line: reason``. A missing,
@@ -345,6 +350,8 @@ def load_file(
             elif isinstance(item, _Rejected):
                 report.reject(f"{path}:{lineno}", str(item))
             else:
+                if redact_pii:
+                    report.redacted.update(redact_record(item))
                 writer.add(item)
                 report.loaded += 1
                 key = (item["workload_id"], item["client_id"])
