@@ -205,3 +205,26 @@ def _check_loss_and_timeline(browser, job):
     assert len(stages) == sum(len(n["evaluations"]) + len(n["customizations"]) for n in job["nims"])
     for stage in stages:
         assert 0 <= float(stage["data-start"]) <= float(stage["data-end"])
+
+
+def test_a_token_protected_api_asks_for_a_token(browser, tmp_path, monkeypatch):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    monkeypatch.setenv("FINDISTIL_API_READ_TOKEN", "dashboard-read-token-0123")
+    settings = load_settings()
+    with BackgroundServer(create_app(settings, start_runner=False)) as server:
+        browser.get(server.url + "/")
+        ready = "return document.getElementById('app').dataset.ready"
+        WebDriverWait(browser, 20).until(lambda d: d.execute_script(ready) == "token")
+        assert browser.find_element("id", "token-why").text == "this API needs a token"
+        browser.find_element("id", "token").send_keys("wrong-token-0123456789")
+        browser.find_element("css selector", "#token-form button").click()
+        WebDriverWait(browser, 20).until(
+            lambda d: d.find_element("id", "token-why").text == "that token was refused"
+        )
+        browser.find_element("id", "token").send_keys("dashboard-read-token-0123")
+        browser.find_element("css selector", "#token-form button").click()
+        WebDriverWait(browser, 20).until(lambda d: d.execute_script(ready) == "#/")
+        assert browser.find_element("css selector", "p.empty").text.startswith("no jobs yet")
+        # the only console errors are the two refused fetches
+        assert all("401" in e for e in _console_errors(browser))

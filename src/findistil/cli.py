@@ -312,6 +312,12 @@ ApiUrlOption = Annotated[
     str,
     typer.Option("--api-url", envvar="FINDISTIL_API_URL", help="base URL of a running API"),
 ]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token", envvar="FINDISTIL_API_TOKEN", show_envvar=True, help="the API's bearer token"
+    ),
+]
 
 
 @app.command()
@@ -328,11 +334,13 @@ def serve(
     import uvicorn
 
     from findistil.api import create_app
+    from findistil.api.auth import check_bind
 
     settings = get_settings(config)
     if runner is not None:
         settings = _with(settings, runner=runner)
     _check_database(settings)
+    check_bind(host, settings.all_api_tokens())
     console_mod.quiet_third_party_bars()
     uvicorn.run(create_app(settings), host=host, port=port)
 
@@ -394,9 +402,10 @@ def jobs_create(
         str | None, typer.Option("--split-config", help="JSON, e.g. '{\"val_ratio\": 0.2}'")
     ] = None,
     api_url: ApiUrlOption = console_mod.DEFAULT_API_URL,
+    token: TokenOption = None,
 ) -> None:
     """Queue a flywheel job over a workload/client's logged records."""
-    created = console_mod.ApiClient(api_url).create_job(
+    created = console_mod.ApiClient(api_url, token=token).create_job(
         workload_id, client_id, console_mod.split_override(split, eval_size)
     )
     console.print(f"{created['id']} {created['status']}: {created['message']}")
@@ -409,10 +418,11 @@ def jobs_list(
     limit: Annotated[int | None, typer.Option(help="at most this many")] = None,
     offset: Annotated[int, typer.Option(help="skip this many (newest first)")] = 0,
     api_url: ApiUrlOption = console_mod.DEFAULT_API_URL,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """List jobs, newest first."""
-    jobs = console_mod.ApiClient(api_url).list_jobs(
+    jobs = console_mod.ApiClient(api_url, token=token).list_jobs(
         status=status, workload_id=workload_id, limit=limit, offset=offset or None
     )
     if as_json:
@@ -427,10 +437,11 @@ def jobs_show(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="live bars until done")] = False,
     interval: Annotated[float, typer.Option(help="seconds between polls")] = 1.0,
     api_url: ApiUrlOption = console_mod.DEFAULT_API_URL,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show one job; --follow draws live bars until it ends (exit 1 unless it completed)."""
-    client = console_mod.ApiClient(api_url)
+    client = console_mod.ApiClient(api_url, token=token)
     if follow:
         with progress_bars() as report:
             job = console_mod.follow_job(client, job_id, report, interval=interval)
@@ -449,16 +460,20 @@ def jobs_show(
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str, api_url: ApiUrlOption = console_mod.DEFAULT_API_URL) -> None:
+def jobs_cancel(
+    job_id: str, api_url: ApiUrlOption = console_mod.DEFAULT_API_URL, token: TokenOption = None
+) -> None:
     """Ask a pending or running job to stop."""
-    answer = console_mod.ApiClient(api_url).cancel_job(job_id)
+    answer = console_mod.ApiClient(api_url, token=token).cancel_job(job_id)
     console.print(f"{answer['id']}: {answer['message']}")
 
 
 @jobs_app.command("delete")
-def jobs_delete(job_id: str, api_url: ApiUrlOption = console_mod.DEFAULT_API_URL) -> None:
+def jobs_delete(
+    job_id: str, api_url: ApiUrlOption = console_mod.DEFAULT_API_URL, token: TokenOption = None
+) -> None:
     """Delete a finished job and its datasets, adapters and predictions."""
-    answer = console_mod.ApiClient(api_url).delete_job(job_id)
+    answer = console_mod.ApiClient(api_url, token=token).delete_job(job_id)
     console.print(f"{answer['id']}: {answer['message']}")
 
 

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from findistil.errors import ConfigError
@@ -202,6 +210,15 @@ def _default_nims() -> list[NimConfig]:
     ]
 
 
+class ApiToken(_Section):
+    """One bearer token of the API: ``read`` (list, get, predictions, models, chat
+    completions) or ``admin`` (also create, cancel, delete, deploy, logs)."""
+
+    token: SecretStr = Field(min_length=16, description="the secret a client sends")
+    scope: Literal["read", "admin"] = "admin"
+    name: str = Field("", description="who holds it (shown in logs, never the token)")
+
+
 _YAML_DATA: ContextVar[dict[str, Any] | None] = ContextVar("findistil_yaml", default=None)
 
 
@@ -238,6 +255,21 @@ class Settings(BaseSettings):
     max_record_bytes: int = Field(
         1 << 20, ge=1024, description="a longer log line or CSV row is rejected on load"
     )
+    api_token: SecretStr | None = Field(
+        None, description="an admin token (FINDISTIL_API_TOKEN); adds to api_tokens"
+    )
+    api_read_token: SecretStr | None = Field(
+        None, description="a read-only token (FINDISTIL_API_READ_TOKEN)"
+    )
+    api_tokens: list[ApiToken] = Field(
+        default_factory=list, description="bearer tokens: [{token, scope, name}] or strings"
+    )
+    trusted_hosts: list[str] = Field(
+        default_factory=list, description="Host headers answered (empty: any)"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="browser origins allowed cross-site (empty: none)"
+    )
     redact_pii: bool = Field(
         False, description="replace e-mails, phones, cards, IBANs and SSNs on load"
     )
@@ -250,6 +282,32 @@ class Settings(BaseSettings):
     icl_config: ICLConfig = Field(default_factory=ICLConfig)
     evaluation_config: EvaluationConfig = Field(default_factory=EvaluationConfig)
     mlflow_config: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _plain_tokens_are_admin(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"token": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("api_token", "api_read_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("an API token needs at least 16 characters")
+        return value
+
+    def all_api_tokens(self) -> list[ApiToken]:
+        """``api_tokens`` plus the env-var tokens, each with its scope."""
+        extra = [
+            ApiToken(token=secret, scope=scope, name=name)
+            for secret, scope, name in (
+                (self.api_token, "admin", "FINDISTIL_API_TOKEN"),
+                (self.api_read_token, "read", "FINDISTIL_API_READ_TOKEN"),
+            )
+            if secret is not None
+        ]
+        return [*self.api_tokens, *extra]
 
     @classmethod
     def settings_customise_sources(

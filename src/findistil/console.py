@@ -9,6 +9,7 @@ prints the scores of a finished job beside their baselines, with the recommendat
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -39,9 +40,13 @@ class ApiError(FindistilError):
 class ApiClient:
     """A small synchronous client of findistil's (and upstream's) ``/api/jobs`` routes."""
 
-    def __init__(self, api_url: str = DEFAULT_API_URL, timeout: float = 30.0) -> None:
+    def __init__(
+        self, api_url: str = DEFAULT_API_URL, timeout: float = 30.0, token: str | None = None
+    ) -> None:
         self.api_url = api_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.api_url, timeout=timeout)
+        token = token or os.environ.get("FINDISTIL_API_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.api_url, timeout=timeout, headers=headers)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -61,6 +66,8 @@ class ApiClient:
                     f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}"
                     for e in detail
                 )
+            if response.status_code in (401, 403):
+                detail += " Pass --token or set FINDISTIL_API_TOKEN."
             raise ApiError(f"{detail} (HTTP {response.status_code})")
         return response.json()
 
@@ -424,7 +431,8 @@ def run_demo(
     t0 = time.perf_counter()
     with BackgroundServer(create_app(settings)) as server:
         timings.append(("start API + runner", time.perf_counter() - t0))
-        client = ApiClient(server.url)
+        admin = [t.token for t in settings.all_api_tokens() if t.scope == "admin"]
+        client = ApiClient(server.url, token=admin[0].get_secret_value() if admin else None)
         try:
             created = client.create_job(taxonomy.WORKLOAD_ID, "demo")
             names = ", ".join(short_name(n.model_name) for n in settings.nims)

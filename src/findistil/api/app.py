@@ -22,12 +22,15 @@ from importlib import resources
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import findistil
+from findistil.api.auth import TokenAuth
 from findistil.api.deps import DBDep, RunnerDep
 from findistil.api.jobs import router as jobs_router
 from findistil.api.schemas import HealthResponse
@@ -42,14 +45,15 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 class BodySizeLimit:
-    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed)."""
+    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed), on
+    every method (a DELETE or GET may carry a body too)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"}:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
@@ -142,9 +146,10 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     from findistil.logstore import open_logstore
     from findistil.students.cache import shared_cache
 
+    resolved = settings or load_settings()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        resolved = settings or load_settings()
         resolved.home.mkdir(parents=True, exist_ok=True)
         app.state.settings = resolved
         app.state.db = db = open_flywheel_db(resolved)
@@ -189,7 +194,19 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
         description="Data flywheel jobs: upstream-compatible /api/jobs routes plus /health.",
         lifespan=lifespan,
     )
+    # Starlette runs the last added outermost: CORS, then the Host check, then tokens, then
+    # the body limit (an unauthenticated upload is refused before it is read).
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(TokenAuth, tokens=resolved.all_api_tokens())
+    if resolved.trusted_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=resolved.trusted_hosts)
+    if resolved.cors_origins:  # closed by default: no CORS headers, browsers refuse
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=resolved.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.add_exception_handler(FindistilError, _findistil_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(jobs_router)

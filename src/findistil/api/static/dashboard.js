@@ -19,10 +19,30 @@ const num = (x, d = 3) => (x === null || x === undefined || Number.isNaN(x)) ? "
 const shortName = (m) => String(m || "").split("/").pop();
 const when = (t) => (t || "").replace("T", " ").slice(0, 19);
 
+// An API with tokens (api_tokens / FINDISTIL_API_TOKEN) answers 401 without one: the page
+// then asks for a token and keeps it in this tab's sessionStorage only.
+const TOKEN_KEY = "findistil-token";
+
+class NeedsToken extends Error {}
+
 async function getJSON(url) {
-  const answer = await fetch(url);
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const answer = await fetch(url, token ? { headers: { Authorization: `Bearer ${token}` } } : {});
+  if (answer.status === 401) throw new NeedsToken(token ? "that token was refused" : "this API needs a token");
   if (!answer.ok) throw new Error(`${url}: HTTP ${answer.status}`);
   return answer.json();
+}
+
+function tokenForm(app, why) {
+  app.innerHTML = `<h1>token</h1><p class="failed" id="token-why">${esc(why)}</p>
+    <form id="token-form"><input type="password" id="token" placeholder="bearer token (read scope is enough)"
+      autocomplete="off" size="40"> <button type="submit">use</button></form>`;
+  app.querySelector("#token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, app.querySelector("#token").value.trim());
+    route();
+  });
+  app.dataset.ready = "token";
 }
 
 function svg(tag, attrs = {}, text = null) {
@@ -397,6 +417,7 @@ async function route() {
     else again = await jobsPage(app);
     app.dataset.ready = hash;
   } catch (err) {
+    if (err instanceof NeedsToken) return tokenForm(app, err.message);
     app.innerHTML = `<p class="failed">could not load ${esc(hash)}: ${esc(err.message)}</p>`;
   }
   if (again) timer = setTimeout(route, 2000);
