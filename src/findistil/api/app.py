@@ -21,12 +21,15 @@ from importlib import resources
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import findistil
@@ -126,6 +129,32 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's answer, but in OpenAI's shape under ``/v1``, and a 405 lists every method of
+    the path in ``Allow`` (Starlette names only the first route that matched the path)."""
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_methods_of(request))
+    if not request.url.path.startswith("/v1/"):
+        return await http_exception_handler(
+            request, StarletteHTTPException(exc.status_code, exc.detail, headers)
+        )
+    error = {"message": str(exc.detail), "type": "invalid_request_error", "code": None}
+    return JSONResponse({"error": error}, status_code=exc.status_code, headers=headers)
+
+
+def _methods_of(request: Request) -> list[str]:
+    return sorted(
+        {
+            method
+            for route in request.app.router.routes
+            if isinstance(route, Route) and route.matches(request.scope)[0] != Match.NONE
+            for method in route.methods or ()
+        }
+    )
+
+
 def _findistil_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, FindistilError)
     return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
@@ -209,6 +238,7 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
         )
     app.add_exception_handler(FindistilError, _findistil_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(jobs_router)
     from findistil.api.openai import router as openai_router  # OpenAI-compatible serving
 

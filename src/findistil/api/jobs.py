@@ -10,7 +10,9 @@ in its thread pool.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse
 
 from findistil.api.deps import ArtifactsDep, DBDep, RunnerDep, SettingsDep, StoreDep
@@ -24,13 +26,25 @@ from findistil.api.schemas import (
     JobStatus,
 )
 from findistil.flywheel import jobs as service
+from findistil.flywheel.jobs import JOB_ID_RE
 
-router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+# 401/403 come from the token check (api/auth.py) when tokens are configured.
+_AUTH = {401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}}
+router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=_AUTH)
 
 _ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
+_TOO_LARGE = {413: {"model": ErrorResponse, "description": "body over 64 KiB"}}
+# Documented, not enforced by FastAPI: a malformed id is upstream's 400 "Invalid job_id
+# format" (flywheel.jobs.validate_job_id, a full match), not a 422.
+JobId = Annotated[
+    str,
+    Path(description="24 lower-case hex characters", json_schema_extra={"pattern": JOB_ID_RE}),
+]
 
 
-@router.post("", response_model=JobResponse, responses={400: {"model": ErrorResponse}})
+@router.post(
+    "", response_model=JobResponse, responses={400: {"model": ErrorResponse}, **_TOO_LARGE}
+)
 def create_job(
     body: JobRequest, db: DBDep, store: StoreDep, settings: SettingsDep, runner: RunnerDep
 ):
@@ -58,14 +72,14 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobDetail, responses=_ERRORS)
-def get_job(job_id: str, db: DBDep):
+def get_job(job_id: JobId, db: DBDep):
     """One job with its datasets, candidates, evaluations and customizations."""
     service.validate_job_id(job_id)
     return service.get_job(db, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobActionResponse, responses=_ERRORS)
-def cancel_job(job_id: str, db: DBDep, runner: RunnerDep):
+def cancel_job(job_id: JobId, db: DBDep, runner: RunnerDep):
     """Ask a pending or running job to stop; its stages stop within seconds."""
     service.validate_job_id(job_id)
     answer = service.cancel_job(db, job_id)
@@ -75,7 +89,7 @@ def cancel_job(job_id: str, db: DBDep, runner: RunnerDep):
 
 
 @router.delete("/{job_id}", response_model=JobActionResponse, responses=_ERRORS)
-def delete_job(job_id: str, db: DBDep, artifacts: ArtifactsDep):
+def delete_job(job_id: JobId, db: DBDep, artifacts: ArtifactsDep):
     """Delete a finished job with its datasets, adapters and predictions."""
     service.validate_job_id(job_id)
     return service.delete_job(db, artifacts, job_id)
@@ -87,7 +101,12 @@ def delete_job(job_id: str, db: DBDep, artifacts: ArtifactsDep):
     response_model=None,
     responses={200: {"content": {"application/x-ndjson": {}}}, **_ERRORS},
 )
-def download_predictions(job_id: str, eval_id: int, db: DBDep, artifacts: ArtifactsDep):
+def download_predictions(
+    job_id: JobId,
+    eval_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    db: DBDep,
+    artifacts: ArtifactsDep,
+):
     """The predictions of one evaluation as JSONL (one row per eval record)."""
     service.validate_job_id(job_id)
     key = service.predictions_key(db, artifacts, job_id, eval_id)

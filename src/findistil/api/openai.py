@@ -22,11 +22,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from findistil.api.deps import ArtifactsDep, CacheDep, DBDep, SettingsDep
+from findistil.api.schemas import OpenAIErrorResponse
 from findistil.errors import FindistilError
 from findistil.flywheel.jobs import find_served_model, served_models
 from findistil.serving import answer, chat_completion, flatten_content
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+_ERROR = {"model": OpenAIErrorResponse}
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai"],
+    responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 404: _ERROR},
+)
 
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_LIMIT = 1024  # a classifier answers in ~6 tokens; this bounds a CPU-minute request

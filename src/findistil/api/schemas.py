@@ -175,3 +175,15 @@ class HealthResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """OpenAI's error shape, used by every ``/v1`` error but FastAPI's 422."""
+
+    error: OpenAIErrorBody

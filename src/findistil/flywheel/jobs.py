@@ -43,6 +43,7 @@ from findistil.tracking import TrackingError, make_tracker
 
 log = logging.getLogger(__name__)
 
+JOB_ID_RE = "^[0-9a-f]{24}$"  # as OpenAPI documents it; checked with fullmatch
 _JOB_ID = re.compile(r"[0-9a-f]{24}")
 
 
