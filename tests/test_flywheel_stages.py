@@ -8,6 +8,7 @@ threads each, and idempotent stages (every stage run twice leaves the same rows)
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -24,6 +25,7 @@ from findistil.flywheel.leases import shut_down
 from findistil.flywheel.runner import ThreadRunner, run_claimed_job, run_job
 from findistil.loaders import load_demo
 from findistil.logstore import LogStore
+from findistil.students.cache import StudentCache, shared_cache
 
 FAST = {
     "data_split_config": {"eval_size": 13, "min_total_records": 20},
@@ -181,6 +183,17 @@ def _start_in_thread(settings, db, job_id, shutdown=None):
     return thread, result
 
 
+def _cancel_and_time(db, job_id, thread, during: str) -> float:
+    """Cancel, wait for the job's thread to end; the latency (printed)."""
+    t0 = time.monotonic()
+    service.cancel_job(db, job_id)
+    thread.join(30)
+    latency = time.monotonic() - t0
+    print(f"\ncancel-to-stopped latency during {during}: {latency:.2f} s")
+    assert not thread.is_alive()
+    return latency
+
+
 def _training_steps(db, job_id):
     with db.begin() as conn:
         return conn.execute(
@@ -195,12 +208,8 @@ def test_cancel_during_training_stops_within_seconds(sqlite_url, demo_store, tin
     thread, result = _start_in_thread(settings, db, job_id)
     # progress reaches the DB while training runs (throttled writes)
     _wait(lambda: (_training_steps(db, job_id) or 0) >= 2, 60, "training progress in the DB")
-    t0 = time.monotonic()
-    service.cancel_job(db, job_id)
-    thread.join(30)
-    latency = time.monotonic() - t0
-    print(f"\ncancel-to-stopped latency during training: {latency:.2f} s")
-    assert not thread.is_alive() and latency < 10
+    latency = _cancel_and_time(db, job_id, thread, "training")
+    assert latency < 10
     assert result["status"] == "cancelled"
     detail = service.get_job(db, job_id)
     assert detail["status"] == "cancelled" and detail["error"] == "Job cancelled by user"
@@ -216,6 +225,41 @@ def test_cancel_during_training_stops_within_seconds(sqlite_url, demo_store, tin
         owners = conn.execute(select(candidates.c.owner).where(candidates.c.job_id == job_id))
         assert set(owners.scalars()) == {None}  # every lease let go
     service.delete_job(db, artifacts, job_id)  # deletable once stopped
+
+
+def test_cancel_during_a_cold_load_stops_within_2_s(
+    sqlite_url, demo_store, tiny_bert_dir, tmp_path, monkeypatch
+):
+    """A cold load (from_pretrained, a GGUF conversion) cannot be interrupted: prepare waits
+    for it polling the cancel, so the job stops, lets go and can be deleted at once; the load
+    ends in the background and stays cached."""
+    slow = tmp_path / "slow-bert"  # a model key no earlier test has in the shared cache
+    shutil.copytree(tiny_bert_dir, slow)
+    settings = _settings(sqlite_url, [{"model_name": str(slow), "kind": "encoder"}])
+    loading, release = threading.Event(), threading.Event()
+    real_load = StudentCache._load
+
+    def slow_load(self, name, kind, s):
+        if name == str(slow):
+            loading.set()
+            release.wait(60)  # a 60-second cold load, unless the test lets it go
+        return real_load(self, name, kind, s)
+
+    monkeypatch.setattr(StudentCache, "_load", slow_load)
+    db = FlywheelDB(sqlite_url)
+    job_id = service.create_job(db, demo_store, settings, "news_classifier", "demo")["id"]
+    thread, result = _start_in_thread(settings, db, job_id)
+    try:
+        assert loading.wait(60), "prepare never started loading"
+        assert _cancel_and_time(db, job_id, thread, "a cold load") < 2
+        assert result["status"] == "cancelled"
+        (nim,) = service.get_job(db, job_id)["nims"]
+        assert (nim["status"], nim["deployment_status"]) == ("cancelled", "cancelled")
+        service.delete_job(db, ArtifactStore(settings.artifacts_root), job_id)  # at once
+    finally:
+        release.set()
+    key = (str(slow), "encoder")
+    _wait(lambda: key in shared_cache().loaded(), 60, "the load to land in the cache")
 
 
 def test_worker_shutdown_interrupts_running_job(sqlite_url, demo_store, tiny_nims):

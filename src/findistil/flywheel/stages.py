@@ -19,10 +19,12 @@ Artefact keys: ``jobs/<job>/datasets/...``, ``jobs/<job>/candidates/<n>/{adapter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,19 @@ class StageContext:
     def check(self, job_id: str, candidate_id: int | None = None) -> None:
         if self.should_stop(job_id, candidate_id):
             raise Cancelled(f"job {job_id} was stopped")
+
+    @contextlib.contextmanager
+    def student(
+        self, job_id: str, candidate_id: int, nim: CandidateConfig, adapter: Path | None = None
+    ) -> Iterator[Any]:
+        """The candidate's student from this process's cache. A cold load is waited for with
+        the stop check polled: a cancel during it stops the stage within a second (the load
+        finishes in the background and stays cached)."""
+        stop = self.stopper(job_id, candidate_id)
+        if not self.cache.warm(nim.model_name, nim.kind, self.settings, stop):
+            raise Cancelled(f"job {job_id} was stopped while {nim.model_name} was loading")
+        with self.cache.use(nim.model_name, nim.kind, self.settings, adapter=adapter) as student:
+            yield student
 
     def stop_reason(self) -> str:
         """The error of rows this process stops: a user's cancel, or its own shutdown."""
@@ -370,7 +385,7 @@ def prepare(ctx: StageContext, job_id: str, candidate_id: int) -> list[str]:
     _set(ctx, candidates, candidate_id, deployment_status="pending")
     ctx.check(job_id, candidate_id)
     try:
-        with ctx.cache.use(nim.model_name, nim.kind, ctx.settings) as student:
+        with ctx.student(job_id, candidate_id, nim) as student:
             plan = planned_stages(student, nim)
             values = {
                 "kind": student.kind,
@@ -378,8 +393,9 @@ def prepare(ctx: StageContext, job_id: str, candidate_id: int) -> list[str]:
                 "dtype": str(getattr(student, "dtype", "") or "") or None,
                 "device": str(getattr(student, "device", "") or "") or None,
             }
-    except Exception:
-        _set(ctx, candidates, candidate_id, deployment_status="failed")
+    except Exception as exc:
+        status = "cancelled" if isinstance(exc, Cancelled) else "failed"
+        _set(ctx, candidates, candidate_id, deployment_status=status)
         raise
     _set(ctx, candidates, candidate_id, deployment_status="ready", stages=plan, **values)
     return plan
@@ -443,7 +459,7 @@ def run_eval(ctx: StageContext, job_id: str, candidate_id: int, eval_type: str) 
         ctx.check(job_id, candidate_id)
         adapter = _trained_adapter(ctx, candidate_id) if eval_type == "customized-eval" else None
         eval_rows, train_rows, _ = datasets(ctx, job_id)
-        with ctx.cache.use(nim.model_name, nim.kind, ctx.settings, adapter=adapter) as student:
+        with ctx.student(job_id, candidate_id, nim, adapter) as student:
             result = evaluate(
                 student,
                 eval_rows,
@@ -579,7 +595,7 @@ def customization(ctx: StageContext, job_id: str, candidate_id: int) -> str:
     try:
         ctx.check(job_id, candidate_id)
         _, train_rows, val_rows = datasets(ctx, job_id)
-        with ctx.cache.use(nim.model_name, nim.kind, ctx.settings) as student:
+        with ctx.student(job_id, candidate_id, nim) as student:
             result = student.train(
                 train_rows,
                 val_rows,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +68,47 @@ class StudentCache:
                 if entry.student is None and entry.users == 0:  # the load failed
                     self._entries.pop(key, None)
             self._trim()
+
+    def warm(
+        self,
+        model_name: str,
+        kind: str,
+        settings: Settings,
+        should_stop: Callable[[], bool] = lambda: False,
+        poll_s: float = 0.2,
+    ) -> bool:
+        """Load ``model_name`` into the cache unless it is there; True once it is.
+
+        A cold load cannot be interrupted (``from_pretrained``, a GGUF conversion), so it runs
+        on a thread and this waits, asking ``should_stop`` every ``poll_s``: False as soon as
+        it says stop. The load then finishes in the background and stays cached for the next
+        user. A failed load raises here.
+        """
+        from findistil.students import resolve_kind
+
+        key = (model_name, resolve_kind(model_name, kind, settings))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.student is not None:
+                return True
+        done, failure = threading.Event(), []
+
+        def load() -> None:
+            try:
+                with self.use(model_name, kind, settings):
+                    pass
+            except BaseException as exc:  # handed to the waiting caller
+                failure.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=load, name=f"load {model_name}", daemon=True).start()
+        while not done.wait(poll_s):
+            if should_stop():
+                return False
+        if failure:
+            raise failure[0]
+        return True
 
     def _load(self, model_name: str, kind: str, settings: Settings) -> Student:
         from findistil.students import load_student
