@@ -264,6 +264,9 @@ class Settings(BaseSettings):
     api_tokens: list[ApiToken] = Field(
         default_factory=list, description="bearer tokens: [{token, scope, name}] or strings"
     )
+    api_threads: int = Field(
+        2, ge=1, le=256, description="threads answering database routes (more: remote DB)"
+    )
     trusted_hosts: list[str] = Field(
         default_factory=list, description="Host headers answered (empty: any)"
     )

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from importlib import resources
 
 import uvicorn
+from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -179,6 +180,10 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The sync routes' thread pool: a few threads answer more requests than anyio's 40,
+        # which fight over the GIL (bench/api_load.py: 2 threads 572 req/s on GET /api/jobs
+        # at 200 clients, 8 threads 379, 40 threads 294). Model work has its own limiter.
+        to_thread.current_default_thread_limiter().total_tokens = resolved.api_threads
         resolved.home.mkdir(parents=True, exist_ok=True)
         app.state.settings = resolved
         app.state.db = db = open_flywheel_db(resolved)

@@ -13,9 +13,11 @@ default) and ignored. ``n`` must be 1 and ``stream`` false.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from typing import Any, Literal
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -34,6 +36,9 @@ router = APIRouter(
     responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 404: _ERROR},
 )
 
+# Generation runs on its own threads, so a slow model never takes the threads that answer
+# /api/jobs (api_threads); two at a time is what two cores can use.
+MODEL_WORK = CapacityLimiter(2)
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_LIMIT = 1024  # a classifier answers in ~6 tokens; this bounds a CPU-minute request
 
@@ -94,10 +99,9 @@ async def chat_completions(
         return openai_error(exc.http_status, str(exc), "invalid_request_error", "model_not_found")
     conversation = [{"role": m.role, "content": flatten_content(m.content)} for m in body.messages]
     budget = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+    work = functools.partial(answer, cache, settings, model, conversation, max_new_tokens=budget)
     try:
-        prediction = await run_in_threadpool(
-            answer, cache, settings, model, conversation, max_new_tokens=budget
-        )
+        prediction = await to_thread.run_sync(work, limiter=MODEL_WORK)
     except FindistilError as exc:  # weights gone, adapter unreadable, ...
         return openai_error(exc.http_status, str(exc), "invalid_request_error", "model_error")
     request_id = "chatcmpl-" + secrets.token_hex(12)

@@ -104,6 +104,18 @@ def create_job(
     return {"id": job_id, "status": "pending", "message": "NIM workflow started"}
 
 
+SUMMARY_COLUMNS = (
+    "id",
+    "workload_id",
+    "client_id",
+    "status",
+    "started_at",
+    "finished_at",
+    "datasets",
+    "error",
+)
+
+
 def _summary(row) -> dict:
     return {
         "id": row.id,
@@ -126,7 +138,8 @@ def list_jobs(
     offset: int = 0,
 ) -> list[dict]:
     """Job summaries, newest first, optionally filtered and paged."""
-    query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id)
+    columns = [getattr(jobs.c, name) for name in SUMMARY_COLUMNS]  # not the frozen config
+    query = select(*columns).order_by(jobs.c.created_at.desc(), jobs.c.id)
     if status:
         query = query.where(jobs.c.status == status)
     if workload_id:
