@@ -17,7 +17,7 @@ from findistil.taxonomy import LABELS, build_messages, parse_label
 from tests.api.conftest import wait_job
 
 HEADLINE = "Acme Corp beats quarterly earnings estimates, raises full-year guidance"
-ERROR_KEYS = {"message", "type", "code"}
+ERROR_KEYS = {"message", "type", "code", "param"}
 
 
 def _completed_job(client: httpx.Client) -> dict:
@@ -60,10 +60,25 @@ def test_no_models_before_any_job_and_unknown_model_is_404(client):
         error = answer.json()["error"]
         assert set(error) == ERROR_KEYS
         assert error["code"] == "model_not_found" and "no-such-model" in error["message"]
-    # a malformed body is FastAPI's 422; an empty conversation is malformed too
-    assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 422
+    # a malformed body is a 422 in OpenAI's shape naming the field; too large a body a 413
     bad_role = {"model": "x", "messages": [{"role": "robot", "content": "hi"}]}
-    assert client.post("/v1/chat/completions", json=bad_role).status_code == 422
+    for body, param in (
+        ({"model": "x", "messages": []}, "messages"),
+        (bad_role, "messages.0.role"),
+    ):
+        answer = client.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 422, answer.text
+        error = answer.json()["error"]
+        assert set(error) == ERROR_KEYS and error["param"] == param
+        assert error["message"].startswith(f"{param}: ")
+    huge = {"model": "x", "messages": [{"role": "user", "content": "x" * 200_000}]}
+    answer = client.post("/v1/chat/completions", json=huge)
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_too_large"
+    assert (
+        client.post("/api/jobs", content=b"x" * 200_000)
+        .json()["detail"]
+        .startswith("Request body too large")
+    )
 
 
 def _reference(settings, nim: dict, adapter: str | None) -> tuple[str, int]:

@@ -37,7 +37,7 @@ import findistil
 from findistil.api.auth import TokenAuth
 from findistil.api.deps import DBDep, RunnerDep
 from findistil.api.jobs import router as jobs_router
-from findistil.api.schemas import HealthResponse
+from findistil.api.schemas import HealthResponse, openai_error_body
 from findistil.config import Settings, load_settings
 from findistil.errors import FindistilError
 
@@ -62,7 +62,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, send)
             return
         # Read the (small) body here, counting, and replay it: a chunked body with no
         # Content-Length is limited too, and the app never sees a partial body.
@@ -75,7 +75,7 @@ class BodySizeLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
             if not message.get("more_body", False):
                 break
@@ -90,12 +90,11 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
-        response = JSONResponse(
-            {"detail": f"Request body too large: the limit is {self.max_bytes} bytes."},
-            status_code=413,
-        )
-        await response({"type": "http"}, _no_receive, send)
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        message = f"Request body too large: the limit is {self.max_bytes} bytes."
+        v1 = scope["path"].startswith("/v1/")
+        body = openai_error_body(message, "request_too_large") if v1 else {"detail": message}
+        await JSONResponse(body, status_code=413)({"type": "http"}, _no_receive, send)
 
 
 async def _no_receive() -> Message:  # pragma: no cover - JSONResponse never reads
@@ -112,10 +111,18 @@ def _excerpt(value: object) -> str:
     return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "..."
 
 
-def _validation_error(_: Request, exc: Exception) -> JSONResponse:
-    """422 naming each bad field with an excerpt of what was sent, never the whole body."""
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 naming each bad field with an excerpt of what was sent, never the whole body (in
+    OpenAI's shape under ``/v1``: the first error, ``param`` its field)."""
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
+    if request.url.path.startswith("/v1/") and errors:
+        first = errors[0]
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        got = f" (got {_excerpt(first['input'])})" if "input" in first else ""
+        message = f"{param or 'body'}: {_excerpt(first.get('msg', ''))}{got}"
+        more = f"; {len(errors) - 1} more errors" if len(errors) > 1 else ""
+        return JSONResponse(openai_error_body(message + more, "invalid_value", param), 422)
     detail = [
         {
             "loc": [str(p) for p in e.get("loc", ())],
@@ -141,8 +148,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         return await http_exception_handler(
             request, StarletteHTTPException(exc.status_code, exc.detail, headers)
         )
-    error = {"message": str(exc.detail), "type": "invalid_request_error", "code": None}
-    return JSONResponse({"error": error}, status_code=exc.status_code, headers=headers)
+    body = openai_error_body(str(exc.detail))
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 def _methods_of(request: Request) -> list[str]:

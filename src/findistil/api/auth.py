@@ -27,6 +27,7 @@ import logging
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from findistil.api.schemas import openai_error_body
 from findistil.config import ApiToken
 from findistil.errors import ConfigError
 
@@ -100,7 +101,7 @@ class TokenAuth:
 async def _refuse(scope: Scope, send: Send, status: int, message: str) -> None:
     if scope["path"].startswith("/v1/"):
         code = "invalid_api_key" if status == 401 else "insufficient_scope"
-        body = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
+        body = openai_error_body(message, code)
     else:
         body = {"detail": message}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None

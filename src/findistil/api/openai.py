@@ -3,9 +3,10 @@
 
 Any OpenAI client can point its base URL at ``findistil serve`` and call the tuned student
 by the ``customized_model`` name a job reports. Errors use OpenAI's shape
-(``{"error": {"message", "type", "code"}}``) so those clients show them; a malformed body
-is FastAPI's 422. The model work lives in ``findistil.serving``; generation runs in a
-threadpool so the event loop keeps answering ``/api/jobs`` meanwhile.
+(``{"error": {"message", "type", "code", "param"}}``) so those clients show them, a
+malformed body (422, ``param`` naming the field) and a too-large one (413) included. The
+model work lives in ``findistil.serving``; generation runs on its own two threads
+(``MODEL_WORK``) so the event loop and ``/api/jobs`` keep answering meanwhile.
 
 Decoding is always greedy: ``temperature``/``top_p`` are accepted (clients send them by
 default) and ignored. ``n`` must be 1 and ``stream`` false.
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from findistil.api.deps import ArtifactsDep, CacheDep, DBDep, SettingsDep
-from findistil.api.schemas import OpenAIErrorResponse
+from findistil.api.schemas import OpenAIErrorResponse, openai_error_body
 from findistil.errors import FindistilError
 from findistil.flywheel.jobs import find_served_model, served_models
 from findistil.serving import answer, chat_completion, flatten_content
@@ -33,7 +34,7 @@ _ERROR = {"model": OpenAIErrorResponse}
 router = APIRouter(
     prefix="/v1",
     tags=["openai"],
-    responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 404: _ERROR},
+    responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 404: _ERROR, 413: _ERROR, 422: _ERROR},
 )
 
 # Generation runs on its own threads, so a slow model never takes the threads that answer
@@ -65,7 +66,8 @@ class ChatRequest(BaseModel):
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status)
+    assert type_ == "invalid_request_error"  # the only type these routes answer with
+    return JSONResponse(openai_error_body(message, code), status)
 
 
 @router.get("/models")

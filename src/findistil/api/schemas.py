@@ -181,9 +181,18 @@ class OpenAIErrorBody(BaseModel):
     message: str
     type: str
     code: str | None = None
+    param: str | None = None
 
 
 class OpenAIErrorResponse(BaseModel):
     """OpenAI's error shape, used by every ``/v1`` error but FastAPI's 422."""
 
     error: OpenAIErrorBody
+
+
+def openai_error_body(
+    message: str, code: str | None = None, param: str | None = None
+) -> dict[str, dict[str, str | None]]:
+    """``{"error": {...}}`` as OpenAI's API answers a request it refuses."""
+    error = {"message": message, "type": "invalid_request_error", "code": code, "param": param}
+    return {"error": error}
