@@ -263,6 +263,60 @@ def _model_place(info) -> str:
 # --- evaluation commands (report-teacher) -----------------------------------------------
 
 
+@app.command("label")
+def label(
+    file: Annotated[Path, typer.Argument(help="CSV (headline column) or JSONL of texts")],
+    teacher_url: Annotated[str, typer.Option(help="OpenAI-compatible base URL of the teacher")],
+    model: Annotated[str, typer.Option(help="the teacher's model name")],
+    api_key_env: Annotated[
+        str | None, typer.Option(help="environment variable holding the teacher's API key")
+    ] = None,
+    workload_id: Annotated[str, typer.Option("--workload-id")] = "news_classifier",
+    client_id: Annotated[str | None, typer.Option(help="default: the file's name")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="requests in flight")] = 8,
+    max_retries: Annotated[int, typer.Option(min=0, help="per row, on 429/5xx/timeouts")] = 5,
+    timeout: Annotated[float, typer.Option(help="seconds per request")] = 60.0,
+    price_per_1k_tokens: Annotated[float, typer.Option(help="for the cost estimate")] = 0.0,
+    config: ConfigOption = None,
+) -> None:
+    """Label raw texts with a teacher into the log store (resumable; exit 2 if rows failed)."""
+    import asyncio
+    import os
+
+    from findistil.labelling import Teacher, label_texts, read_texts
+    from findistil.logstore import open_logstore
+
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise typer.BadParameter(f"${api_key_env} is not set", param_hint="--api-key-env")
+    texts = read_texts(file)
+    teacher = Teacher(teacher_url, model, api_key=api_key, timeout_s=timeout)
+    with open_logstore(get_settings(config)) as store, progress_bars() as progress:
+        report = asyncio.run(
+            label_texts(
+                texts, store, teacher, workload_id=workload_id,
+                client_id=client_id or file.stem, concurrency=concurrency,
+                max_retries=max_retries, progress=progress,
+            )
+        )  # fmt: skip
+    for line in report.errors:
+        err_console.print(f"[yellow]failed[/yellow] {line}", markup=True, highlight=False)
+    for line in report.unparseable_rows:
+        err_console.print(f"[yellow]unparseable[/yellow] {line}", markup=True, highlight=False)
+    tokens = report.prompt_tokens + report.completion_tokens
+    rate = report.labelled / report.seconds if report.seconds else 0.0
+    console.print(
+        f"rows {report.rows}: labelled {report.labelled}, already labelled {report.skipped}, "
+        f"failed {report.failed}, unparseable {report.unparseable}; {rate:.1f} rows/s, "
+        f"{report.retries} retries, {tokens:,} tokens, "
+        f"est. cost {report.cost(price_per_1k_tokens):.4f}"
+    )
+    if report.failed:
+        raise typer.Exit(2)
+
+
 @app.command("report-teacher")
 def report_teacher(
     gold: Annotated[Path, typer.Option("--gold", help="CSV: headline, human_label, *_label")],

