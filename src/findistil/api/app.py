@@ -174,6 +174,32 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     ``start_runner=False`` serves the API without executing jobs (they stay queued in the
     DB for another process's runner).
     """
+    resolved = settings or load_settings()
+    app = FastAPI(
+        title="findistil",
+        version=findistil.__version__,
+        description="Data flywheel jobs: upstream-compatible /api/jobs routes plus /health.",
+        lifespan=_lifespan(resolved, start_runner),
+    )
+    _add_middleware(app, resolved)
+    app.add_exception_handler(FindistilError, _findistil_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.include_router(jobs_router)
+    from findistil.api.openai import router as openai_router  # OpenAI-compatible serving
+
+    app.include_router(openai_router)
+    app.get("/health", response_model=HealthResponse, tags=["health"])(health)
+    # the dashboard's files, from the installed package (offline: nothing from a CDN)
+    app.mount("/static", StaticFiles(packages=[("findistil.api", "static")]), name="static")
+    app.get("/", response_class=HTMLResponse, response_model=None, include_in_schema=False)(
+        dashboard
+    )
+    return app
+
+
+def _lifespan(resolved: Settings, start_runner: bool):
+    """Open the DB, log store, artefact store, cache and runner on start; close them on exit."""
     from findistil.artifacts import ArtifactStore
     from findistil.flywheel import jobs as service
     from findistil.flywheel.db import open_flywheel_db
@@ -182,8 +208,6 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     from findistil.flywheel.runner import make_runner
     from findistil.logstore import open_logstore
     from findistil.students.cache import shared_cache
-
-    resolved = settings or load_settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -229,14 +253,12 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
                 if close is not None:
                     close()
 
-    app = FastAPI(
-        title="findistil",
-        version=findistil.__version__,
-        description="Data flywheel jobs: upstream-compatible /api/jobs routes plus /health.",
-        lifespan=lifespan,
-    )
-    # Starlette runs the last added outermost: CORS, then the Host check, then tokens, then
-    # the body limit (an unauthenticated upload is refused before it is read).
+    return lifespan
+
+
+def _add_middleware(app: FastAPI, resolved: Settings) -> None:
+    """Starlette runs the last added outermost: CORS, then the Host check, then tokens, then
+    the body limit (an unauthenticated upload is refused before it is read)."""
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(TokenAuth, tokens=resolved.all_api_tokens())
     if resolved.trusted_hosts:
@@ -248,50 +270,38 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_exception_handler(FindistilError, _findistil_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.include_router(jobs_router)
-    from findistil.api.openai import router as openai_router  # OpenAI-compatible serving
 
-    app.include_router(openai_router)
 
-    @app.get("/health", response_model=HealthResponse, tags=["health"])
-    def health(request: Request, db: DBDep, runner: RunnerDep) -> JSONResponse:
-        """Is the database reachable and the runner alive? 200 when both, else 503."""
-        try:
-            with db.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            database = "ok"
-        except Exception as exc:  # any driver error means "not reachable"
-            database = f"unreachable: {type(exc).__name__}"
-        runner_state = "disabled" if runner is None else ("alive" if runner.alive else "stopped")
-        ok = database == "ok" and runner_state != "stopped"
-        workers = []
-        if database == "ok":
-            from findistil.flywheel.leases import live_workers
+def health(request: Request, db: DBDep, runner: RunnerDep) -> JSONResponse:
+    """Is the database reachable and the runner alive? 200 when both, else 503."""
+    try:
+        with db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        database = "ok"
+    except Exception as exc:  # any driver error means "not reachable"
+        database = f"unreachable: {type(exc).__name__}"
+    runner_state = "disabled" if runner is None else ("alive" if runner.alive else "stopped")
+    ok = database == "ok" and runner_state != "stopped"
+    workers = []
+    if database == "ok":
+        from findistil.flywheel.leases import live_workers
 
-            timeout = request.app.state.settings.lease_timeout_s
-            workers = [w for w in live_workers(db, timeout) if w["runner"] != "api"]
-        body = HealthResponse(
-            status="ok" if ok else "degraded",
-            database=database,
-            runner=runner_state,
-            runner_kind=getattr(runner, "kind", None),
-            workers=workers,
-            version=findistil.__version__,
-        )
-        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+        timeout = request.app.state.settings.lease_timeout_s
+        workers = [w for w in live_workers(db, timeout) if w["runner"] != "api"]
+    body = HealthResponse(
+        status="ok" if ok else "degraded",
+        database=database,
+        runner=runner_state,
+        runner_kind=getattr(runner, "kind", None),
+        workers=workers,
+        version=findistil.__version__,
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
-    # the dashboard's files, from the installed package (offline: nothing from a CDN)
-    app.mount("/static", StaticFiles(packages=[("findistil.api", "static")]), name="static")
 
-    @app.get("/", response_class=HTMLResponse, response_model=None, include_in_schema=False)
-    def dashboard() -> HTMLResponse:
-        page = resources.files("findistil.api").joinpath("static/index.html")
-        return HTMLResponse(page.read_text() if page.is_file() else "<p>findistil API</p>")
-
-    return app
+def dashboard() -> HTMLResponse:
+    page = resources.files("findistil.api").joinpath("static/index.html")
+    return HTMLResponse(page.read_text() if page.is_file() else "<p>findistil API</p>")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

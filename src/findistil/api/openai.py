@@ -65,8 +65,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
-def openai_error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
-    assert type_ == "invalid_request_error"  # the only type these routes answer with
+def openai_error(status: int, message: str, code: str | None = None) -> JSONResponse:
     return JSONResponse(openai_error_body(message, code), status)
 
 
@@ -81,7 +80,7 @@ def get_model(model_id: str, db: DBDep, artifacts: ArtifactsDep) -> dict | JSONR
     try:
         return find_served_model(db, artifacts, model_id).as_openai()
     except FindistilError as exc:
-        return openai_error(exc.http_status, str(exc), "invalid_request_error", "model_not_found")
+        return openai_error(exc.http_status, str(exc), "model_not_found")
 
 
 @router.post("/chat/completions", response_model=None)
@@ -90,21 +89,19 @@ async def chat_completions(
 ) -> dict | JSONResponse:
     """Answer the conversation with the named student (greedy decoding)."""
     if body.stream:
-        return openai_error(
-            400, "stream=true is not supported: send stream=false", "invalid_request_error"
-        )
+        return openai_error(400, "stream=true is not supported: send stream=false")
     if body.n != 1:
-        return openai_error(400, f"n={body.n} is not supported: send n=1", "invalid_request_error")
+        return openai_error(400, f"n={body.n} is not supported: send n=1")
     try:
         model = await run_in_threadpool(find_served_model, db, artifacts, body.model)
     except FindistilError as exc:
-        return openai_error(exc.http_status, str(exc), "invalid_request_error", "model_not_found")
+        return openai_error(exc.http_status, str(exc), "model_not_found")
     conversation = [{"role": m.role, "content": flatten_content(m.content)} for m in body.messages]
     budget = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
     work = functools.partial(answer, cache, settings, model, conversation, max_new_tokens=budget)
     try:
         prediction = await to_thread.run_sync(work, limiter=MODEL_WORK)
     except FindistilError as exc:  # weights gone, adapter unreadable, ...
-        return openai_error(exc.http_status, str(exc), "invalid_request_error", "model_error")
+        return openai_error(exc.http_status, str(exc), "model_error")
     request_id = "chatcmpl-" + secrets.token_hex(12)
     return chat_completion(model, prediction, max_new_tokens=budget, request_id=request_id)
