@@ -219,8 +219,11 @@ def test_a_token_protected_api_asks_for_a_token(browser, tmp_path, monkeypatch):
         assert browser.find_element("id", "token-why").text == "this API needs a token"
         browser.find_element("id", "token").send_keys("wrong-token-0123456789")
         browser.find_element("css selector", "#token-form button").click()
+        # the form is re-rendered after each answer: read its text in one script, never
+        # through an element handle that the re-render can leave stale
+        why = "return document.getElementById('token-why')?.textContent"
         WebDriverWait(browser, 20).until(
-            lambda d: d.find_element("id", "token-why").text == "that token was refused"
+            lambda d: d.execute_script(why) == "that token was refused"
         )
         browser.find_element("id", "token").send_keys("dashboard-read-token-0123")
         browser.find_element("css selector", "#token-form button").click()
