@@ -149,3 +149,59 @@ def test_merge_split_config_field_by_field():
         merge_split_config(base, {"nope": 1})
     with pytest.raises(ConfigError, match="limit"):
         merge_split_config(base, {"limit": 10})
+
+
+# An upstream-style config.yaml: the financial blueprint's keys and values (REFERENCE §9, §11).
+UPSTREAM_YAML = """
+nmp_config:
+  nemo_base_url: http://nemo.test
+  nim_base_url: http://nim.test
+  datastore_base_url: http://data-store.test
+  nmp_namespace: mdfd
+logging_config: {level: INFO}
+llm_judge_config: {deployment_type: remote, url: http://judge.test/v1, model_name: judge}
+data_split_config:
+  eval_size: 100
+  val_ratio: 0.1
+  min_total_records: 50
+  random_seed: null
+  limit: null
+icl_config:
+  max_examples: 3
+  example_selection: uniform_distribution
+  similarity_config:
+    relevance_ratio: 0.7
+    embedding_nim_config: {model_name: nvidia/llama-3.2-nv-embedqa-1b-v2}
+evaluation_config: {workload_type: classification, tool_eval_type: tool-calling-metric}
+mlflow_config: {enabled: false, tracking_uri: "http://0.0.0.0:5000"}
+"""
+
+
+def test_an_upstream_config_loads_with_its_values_mapped(tmp_path, caplog):
+    path = tmp_path / "upstream.yaml"
+    path.write_text(UPSTREAM_YAML + "nmp_confg: {}\n")  # and a typo of a key
+    with caplog.at_level("WARNING", logger="findistil.config"):
+        settings = load_settings(path)
+        load_settings(path)  # a second load warns no more
+    assert settings.icl_config.example_selection == "uniform"
+    assert settings.icl_config.relevance_ratio == 0.7
+    assert settings.data_split_config.random_seed is None
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 4, warned  # once per ignored key and process
+    assert any("'nmp_confg'" in w and "check its spelling" in w for w in warned)
+    assert any("'nmp_config'" in w and "upstream key" in w for w in warned)
+
+    # null seed: each job draws one and freezes it, so its record reproduces it
+    seeds = {settings.job_config().data_split_config.random_seed for _ in range(5)}
+    assert None not in seeds and len(seeds) > 1
+    assert settings.job_config({"random_seed": 7}).data_split_config.random_seed == 7
+
+
+def test_semantic_selection_without_similarity_config_is_pure_nearness():
+    from findistil.config import ICLConfig
+
+    assert ICLConfig(example_selection="semantic_similarity").relevance_ratio == 1.0
+    null_ratio = ICLConfig(similarity_config={"relevance_ratio": None})
+    assert null_ratio.relevance_ratio == 0.7  # upstream's default
+    with pytest.raises(ValueError, match="relevance_ratio"):
+        ICLConfig(similarity_config={"relevance_ratio": 1.5})

@@ -121,8 +121,11 @@ def test_reference_answers_score_one_and_files_are_written(eval_rows, tmp_path):
     assert s["f1_score"] == 1.0
     assert s["accuracy"] == s["macro_f1"] == s["weighted_f1"] == 1.0
     assert s["unparseable_rate"] == 0.0
-    assert s["rows"] == 12 and s["scoring_mode"] == "generate"
-    assert s["prompt_tokens"] == 120 and s["completion_tokens"] == 36
+    # scores hold only floats (upstream's dict[str, float]); counts and the mode sit beside
+    assert all(type(v) is float for v in s.values())
+    counts = result.report["counts"]
+    assert counts == {"rows": 12, "prompt_tokens": 120, "completion_tokens": 36}
+    assert result.report["scoring_mode"] == "generate"
     assert s["mean_latency_s"] == pytest.approx(0.01) and s["rows_per_s"] > 0
 
     # the student saw exactly the request messages, in batches of 5
@@ -198,7 +201,7 @@ def test_label_scoring_candidates(eval_rows, train_rows, tmp_path):
     expected = sorted({r["messages"][-1]["content"] for r in train_rows})
     assert student.calls[0]["mode"] == "label_scores"
     assert student.calls[0]["labels"] == expected == result.report["candidate_answers"]
-    assert result.scores["scoring_mode"] == "label_scores"
+    assert result.report["scoring_mode"] == "label_scores"
     assert candidate_answers(None) == [taxonomy.format_answer(lab) for lab in taxonomy.LABELS]
     assert candidate_answers(train_rows, ["[[a]]", "[[a]]", "[[b]]"]) == ["[[a]]", "[[b]]"]
 
@@ -268,7 +271,8 @@ def test_tiny_random_llama_end_to_end(eval_rows, train_rows, tiny_llama_dir, tmp
     assert s["accuracy"] == pytest.approx(expected["accuracy"])
     assert s["unparseable_rate"] == pytest.approx(expected["unparseable_rate"])
     assert s["f1_score"] < 0.2 and s["accuracy"] < 0.5 and s["unparseable_rate"] > 0.5
-    assert s["completion_tokens"] > 0 and s["prompt_tokens"] > 0
+    counts = result.report["counts"]
+    assert counts["completion_tokens"] > 0 and counts["prompt_tokens"] > 0
 
     # label scoring: every output is one of the candidate answers, so all parse
     scored = evaluate(
@@ -280,7 +284,7 @@ def test_tiny_random_llama_end_to_end(eval_rows, train_rows, tiny_llama_dir, tmp
         train_rows=train_rows,
     )
     assert scored.scores["unparseable_rate"] == 0.0
-    assert scored.scores["scoring_mode"] == "label_scores"
+    assert scored.report["scoring_mode"] == "label_scores"
     answers = set(scored.report["candidate_answers"])
     lines = _lines(scored.predictions_path)
     assert all(x["output"] in answers for x in lines)

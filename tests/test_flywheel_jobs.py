@@ -73,7 +73,9 @@ def test_create_job_queues_pending_with_merged_split(env):
     assert split["eval_size"] == 7  # the request's field ...
     assert split["val_ratio"] == settings.data_split_config.val_ratio  # ... the rest configured
     assert detail["nims"] == [] and detail["datasets"] == [] and detail["recommendation"] is None
-    assert detail["started_at"] is None and detail["error"] is None and detail["llm_judge"] is None
+    # upstream requires started_at: a queued job shows when it was created
+    assert detail["started_at"] == detail["created_at"] is not None
+    assert detail["error"] is None and detail["llm_judge"] is None
     # the whole resolved config is frozen on the job: stages read this, never live settings
     config = detail["config"]
     assert config["data_split_config"] == split
@@ -135,10 +137,15 @@ def test_cancel_marks_job_and_refuses_finished(env):
     detail = service.get_job(db, job_id)
     assert detail["status"] == "cancelled" and detail["error"] == "Job cancelled by user"
     assert detail["finished_at"] is not None
+    # asking again is no error: upstream answers "Job is already cancelled."
+    assert service.cancel_job(db, job_id) == {"id": job_id, "message": "Job is already cancelled."}
+    with db.begin() as conn:  # a job that ended on its own cannot be cancelled
+        conn.execute(jobs.update().where(jobs.c.id == job_id).values(status="completed"))
     with pytest.raises(JobStateError, match="Cannot cancel a job that has already finished."):
         service.cancel_job(db, job_id)
-    with pytest.raises(NotFound):
-        service.cancel_job(db, new_job_id())
+    unknown = new_job_id()
+    with pytest.raises(NotFound, match=f"Job with ID {unknown} not found"):
+        service.cancel_job(db, unknown)
 
 
 def test_delete_only_finished_and_only_its_own_files(env):

@@ -88,7 +88,7 @@ def test_job_lifecycle_end_to_end(sqlite_url, demo_store, tiny_nims):
         assert nim["runtime_seconds"] > 0 and nim["training_seconds"] > 0
         for ev in nim["evaluations"]:
             assert ev["status"] == "completed" and ev["progress"] == 100.0
-            assert 0.0 <= ev["scores"]["f1_score"] <= 1.0 and ev["scores"]["rows"] == 13
+            assert 0.0 <= ev["scores"]["f1_score"] <= 1.0 and ev["counts"]["rows"] == 13
             assert ev["predictions_url"] == f"/api/jobs/{job_id}/evaluations/{ev['id']}/predictions"
             key = service.predictions_key(db, artifacts, job_id, ev["id"])
             position = detail["nims"].index(nim)

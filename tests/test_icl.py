@@ -17,6 +17,7 @@ from findistil.icl import (
     build_icl_prompts,
     example_class,
     nearest_rows,
+    relevance_coverage,
     uniform_order,
 )
 
@@ -168,6 +169,33 @@ def test_similarity_with_custom_embedder_picks_nearest(train_rows):
     cfg = ICLConfig(max_examples=1, example_selection="semantic_similarity")
     (prompt,) = build_icl_prompts(convs, rows, cfg, embed=embed)
     assert prompt.example_ids == [1]
+
+
+def test_relevance_coverage_fills_missed_classes_after_the_nearest():
+    classes = ["a", "a", "a", "b", "c", "b"]
+    nearest = [0, 1, 2, 3, 4, 5]
+    assert relevance_coverage(nearest, classes, 3, 1.0) == nearest  # pure nearness
+    assert relevance_coverage(nearest, classes, 3, 0.34) == [0, 3, 4, 1, 2, 5]
+    assert relevance_coverage(nearest, classes, 3, 0.67) == [0, 1, 3, 2, 4, 5]
+    assert relevance_coverage(nearest, classes, 3, 0.0) == [0, 3, 4, 1, 2, 5]
+    assert relevance_coverage([0, 1, 2], classes, 3, 0.34) == [0, 1, 2]  # one class: order kept
+
+
+def test_similarity_config_shows_other_classes_beside_the_nearest(train_rows):
+    vocab = ["dividend", "fda"]
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return np.array([[t.lower().count(w) + 1e-3 for w in vocab] for t in texts])
+
+    rows = [_train_row(f"Acme {n} raises dividend", "Dividends") for n in range(4)]
+    rows.append(_train_row("FDA clears Bolt drug", "Product Approval"))
+    convs = [taxonomy.build_messages("Zeta lifts dividend")]
+    near = ICLConfig(max_examples=2, example_selection="semantic_similarity")
+    covered = ICLConfig(**{**near.model_dump(), "similarity_config": {"relevance_ratio": 0.5}})
+    (nearest,) = build_icl_prompts(convs, rows, near, embed=embed)
+    (mixed,) = build_icl_prompts(convs, rows, covered, embed=embed)
+    assert {example_class(rows[i]) for i in nearest.example_ids} == {"Dividends"}
+    assert [example_class(rows[i]) for i in mixed.example_ids] == ["Dividends", "Product Approval"]
 
 
 def test_bad_train_rows_are_reported():

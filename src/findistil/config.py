@@ -16,7 +16,9 @@ artefact root, broker, device, leases) say how this process takes part.
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -49,12 +51,21 @@ class DataSplitConfig(_Section):
     eval_size: int = Field(100, ge=1, description="records held out for evaluation")
     val_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of the rest for validation")
     min_total_records: int = Field(50, ge=1, description="fewer records than this fails the job")
-    random_seed: int = Field(42, description="seed of sampling and splitting")
+    random_seed: int | None = Field(
+        42, description="seed of sampling and splitting; null: a random one, drawn once per job"
+    )
     limit: int | None = Field(None, ge=1, description="sample at most this many records")
     parse_function_arguments: bool = Field(True, description="tool calls: parse string args")
     stratify_enabled: bool = Field(True, description="class-stratified eval/val splits")
     min_samples_per_class: int = Field(2, ge=1, description="classes below this are 'others'")
     rare_class_threshold: int = Field(1, ge=0, description="classes with <= this many are rare")
+
+    def with_seed(self) -> DataSplitConfig:
+        """This config with a concrete ``random_seed``: upstream's ``null`` (random) becomes a
+        seed drawn now, so the job that stores it can be reproduced from its record."""
+        if self.random_seed is not None:
+            return self
+        return self.model_copy(update={"random_seed": secrets.randbelow(2**31)})
 
     @model_validator(mode="after")
     def _limit_vs_min(self) -> DataSplitConfig:
@@ -91,21 +102,56 @@ class LoraConfig(_Section):
     sequence_packing_enabled: bool = Field(True, description="pack short rows into one sequence")
 
 
+class SimilarityConfig(_Section):
+    """Upstream's ``icl_config.similarity_config`` for ``semantic_similarity``.
+
+    ``relevance_ratio`` of the k examples are the nearest rows; the rest go first to answer
+    classes the nearest ones missed (upstream does this for tool names). The embeddings are
+    computed here with ``icl_config.embedding_model``: an ``embedding_nim_config`` (a remote
+    embedding NIM) is accepted so upstream configs load, and not called.
+    """
+
+    relevance_ratio: float = Field(0.7, ge=0.0, le=1.0, description="share picked by nearness")
+    embedding_nim_config: dict[str, Any] | None = Field(
+        None, description="upstream's remote embedder: accepted, not used (local embeddings)"
+    )
+
+    @field_validator("relevance_ratio", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any) -> Any:
+        return 0.7 if value is None else value
+
+
 class ICLConfig(_Section):
     """Few-shot (in-context) evaluation settings (upstream generic blueprint's ``icl_config``)."""
 
     max_examples: int = Field(3, ge=0)
     min_examples: int = Field(1, ge=0)
-    example_selection: Literal["uniform", "semantic_similarity"] = "uniform"
+    example_selection: Literal["uniform", "semantic_similarity"] = Field(
+        "uniform", description="upstream's uniform_distribution is read as uniform"
+    )
+    similarity_config: SimilarityConfig | None = Field(
+        None, description="semantic_similarity only; none: the k nearest rows, no coverage"
+    )
     max_context_length: int = Field(8192, ge=256)
     reserved_tokens: int = Field(2048, ge=0)
     embedding_model: str = MINILM
+
+    @field_validator("example_selection", mode="before")
+    @classmethod
+    def _upstream_name(cls, value: Any) -> Any:
+        return "uniform" if value == "uniform_distribution" else value
 
     @model_validator(mode="after")
     def _budget(self) -> ICLConfig:
         if self.reserved_tokens >= self.max_context_length:
             raise ValueError("reserved_tokens must be smaller than max_context_length")
         return self
+
+    @property
+    def relevance_ratio(self) -> float:
+        """Share of examples chosen by nearness alone (1.0 without a similarity_config)."""
+        return self.similarity_config.relevance_ratio if self.similarity_config else 1.0
 
 
 class EvaluationConfig(_Section):
@@ -218,6 +264,14 @@ class ApiToken(_Section):
     scope: Literal["read", "admin"] = "admin"
     name: str = Field("", description="who holds it (shown in logs, never the token)")
 
+
+log = logging.getLogger(__name__)
+
+# Upstream top-level keys findistil reads no value from: a pasted upstream config.yaml loads,
+# with one warning per key and process (findistil has its own logging, and NMP and the LLM
+# judge are not backends here yet).
+UPSTREAM_UNUSED_KEYS = frozenset({"nmp_config", "llm_judge_config", "logging_config"})
+_WARNED_KEYS: set[str] = set()
 
 _YAML_DATA: ContextVar[dict[str, Any] | None] = ContextVar("findistil_yaml", default=None)
 
@@ -356,7 +410,9 @@ class Settings(BaseSettings):
             data["lora_config"] = self.lora_for(nim)
             nims.append(CandidateConfig.model_validate(data))
         return JobConfig(
-            data_split_config=merge_split_config(self.data_split_config, split_override),
+            data_split_config=merge_split_config(
+                self.data_split_config, split_override
+            ).with_seed(),
             nims=nims,
             icl_config=self.icl_config,
             evaluation_config=self.evaluation_config,
@@ -422,6 +478,7 @@ def load_settings(path: str | os.PathLike | None = None, **overrides: Any) -> Se
             raise ConfigError(f"config file {cfg} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {cfg} must hold a mapping of keys at the top level")
+    _warn_ignored_keys(data, cfg)
     token = _YAML_DATA.set(data)
     try:
         settings = Settings(**overrides)
@@ -431,3 +488,21 @@ def load_settings(path: str | os.PathLike | None = None, **overrides: Any) -> Se
         _YAML_DATA.reset(token)
     settings.home = Path(settings.home).expanduser()
     return settings
+
+
+def ignored_keys(data: dict[str, Any]) -> list[str]:
+    """Top-level keys of a config mapping that no setting reads."""
+    return sorted(str(k) for k in data if k not in Settings.model_fields)
+
+
+def _warn_ignored_keys(data: dict[str, Any], path: Path | None) -> None:
+    for key in ignored_keys(data):
+        if key in _WARNED_KEYS:
+            continue
+        _WARNED_KEYS.add(key)
+        why = (
+            "an upstream key findistil does not use"
+            if key in UPSTREAM_UNUSED_KEYS
+            else "not a findistil setting: check its spelling"
+        )
+        log.warning("config file %s: top-level key %r ignored (%s)", path, key, why)

@@ -219,6 +219,9 @@ def _check_raw_counts(n: int, split: DataSplitConfig) -> None:
         )
 
 
+_STEPS = 6
+
+
 def curate_records(
     records: list[dict[str, Any]],
     split: DataSplitConfig,
@@ -230,6 +233,7 @@ def curate_records(
 ) -> CuratedData:
     """Curate records (newest first) into eval/train/val sets; write them when ``out_dir``.
 
+    A ``random_seed`` of null draws one here; the manifest records the seed used.
     Example: ``curate_records(recs, DataSplitConfig(eval_size=5), out_dir=Path("ds")).counts``.
 
     Raises:
@@ -240,55 +244,13 @@ def curate_records(
             f"evaluation_config.workload_type: {workload_type!r} is not one of "
             "classification, tool_calling, auto"
         )
-    steps = 6
+    split = split.with_seed()
     counts: dict[str, int] = {"total": len(records)}
     _check_raw_counts(len(records), split)
-    progress(Progress("curate", 1, steps, dict(counts)))
-
-    valid = [r for r in records if format_problem(r) is None]
-    counts["invalid_format"] = len(records) - len(valid)
-    if workload_type == "auto":
-        workload_type = detect_workload_type(valid)
-    progress(Progress("curate", 2, steps, dict(counts)))
-
-    filtered = valid
-    if workload_type == TOOL_CALLING:
-        kept = (_tool_record(r, split.parse_function_arguments) for r in valid)
-        filtered = [r for r in kept if r is not None]
-    counts["quality_filtered"] = len(valid) - len(filtered)
-    progress(Progress("curate", 3, steps, dict(counts)))
-
-    seen: set[tuple[str, ...]] = set()
-    unique = []
-    for record in filtered:  # newest first, so the newest copy wins
-        key = user_contents(record)
-        if key not in seen:
-            seen.add(key)
-            unique.append(record)
-    counts["duplicates"] = len(filtered) - len(unique)
-    progress(Progress("curate", 4, steps, dict(counts)))
-
-    if len(unique) < split.min_total_records:
-        raise DataError(
-            f"Insufficient valid records. Found {len(unique)} but need "
-            f"{split.min_total_records}. Total records: {len(records)}, valid OpenAI format: "
-            f"{len(valid)}, after quality filters: {len(filtered)}. "
-            "Please provide more valid records."
-        )
-    selected = unique
-    if split.limit is not None and len(unique) > split.limit:
-        rng = random.Random(f"{split.random_seed}:sample")
-        selected = [unique[i] for i in sorted(rng.sample(range(len(unique)), split.limit))]
-    if split.eval_size >= len(selected):
-        limited = f", limit {split.limit}" if len(selected) < len(unique) else ""
-        raise DataError(
-            "eval_size cannot be larger than the total number of records. "
-            f"eval_size is {split.eval_size}, but only {len(selected)} records remain after "
-            f"format filtering and deduplication ({len(records)} found{limited}); lower "
-            "data_split_config.eval_size so that records are left to train on."
-        )
-    counts["selected"] = len(selected)
-    progress(Progress("curate", 5, steps, dict(counts)))
+    progress(Progress("curate", 1, _STEPS, dict(counts)))
+    unique, workload_type = _clean(records, split, workload_type, counts, progress)
+    selected = _select(unique, split, counts)
+    progress(Progress("curate", 5, _STEPS, dict(counts)))
 
     labels = [class_of(r, workload_type) for r in selected]
     eval_ix, train_ix, val_ix = split_indices(labels, split)
@@ -300,11 +262,93 @@ def curate_records(
     class_counts = {
         name: dict(sorted(Counter(labels[i] for i in ix).items())) for name, ix in parts.items()
     }
-
     texts = {name: _jsonl(rows) for name, rows in _splits(eval_rows, train_rows, val_rows)}
+    manifest = _manifest(texts, selected, split, workload_type, source, counts, class_counts)
+    paths: dict[str, Path] = {}
+    if out_dir is not None:
+        paths = write_datasets(Path(out_dir), texts, manifest)
+    progress(Progress("curate", _STEPS, _STEPS, dict(counts)))
+    return CuratedData(
+        eval_rows, train_rows, val_rows, counts, class_counts, workload_type, manifest, paths
+    )
+
+
+def _clean(
+    records: list[dict[str, Any]],
+    split: DataSplitConfig,
+    workload_type: str,
+    counts: dict[str, int],
+    progress: ProgressFn,
+) -> tuple[list[dict[str, Any]], str]:
+    """Format filter, tool-call filter and dedup (steps 2-4), each counted in ``counts``.
+
+    Returns the unique records (newest copy kept) and the resolved workload type.
+    """
+    valid = [r for r in records if format_problem(r) is None]
+    counts["invalid_format"] = len(records) - len(valid)
+    if workload_type == "auto":
+        workload_type = detect_workload_type(valid)
+    progress(Progress("curate", 2, _STEPS, dict(counts)))
+
+    filtered = valid
+    if workload_type == TOOL_CALLING:
+        kept = (_tool_record(r, split.parse_function_arguments) for r in valid)
+        filtered = [r for r in kept if r is not None]
+    counts["quality_filtered"] = len(valid) - len(filtered)
+    progress(Progress("curate", 3, _STEPS, dict(counts)))
+
+    seen: set[tuple[str, ...]] = set()
+    unique = []
+    for record in filtered:  # newest first, so the newest copy wins
+        key = user_contents(record)
+        if key not in seen:
+            seen.add(key)
+            unique.append(record)
+    counts["duplicates"] = len(filtered) - len(unique)
+    progress(Progress("curate", 4, _STEPS, dict(counts)))
+    if len(unique) < split.min_total_records:
+        raise DataError(
+            f"Insufficient valid records. Found {len(unique)} but need "
+            f"{split.min_total_records}. Total records: {len(records)}, valid OpenAI format: "
+            f"{len(valid)}, after quality filters: {len(filtered)}. "
+            "Please provide more valid records."
+        )
+    return unique, workload_type
+
+
+def _select(
+    unique: list[dict[str, Any]], split: DataSplitConfig, counts: dict[str, int]
+) -> list[dict[str, Any]]:
+    """The seeded sample of up to ``limit`` records (step 6), checked against ``eval_size``."""
+    selected = unique
+    if split.limit is not None and len(unique) > split.limit:
+        rng = random.Random(f"{split.random_seed}:sample")
+        selected = [unique[i] for i in sorted(rng.sample(range(len(unique)), split.limit))]
+    if split.eval_size >= len(selected):
+        limited = f", limit {split.limit}" if len(selected) < len(unique) else ""
+        raise DataError(
+            "eval_size cannot be larger than the total number of records. "
+            f"eval_size is {split.eval_size}, but only {len(selected)} records remain after "
+            f"format filtering and deduplication ({counts['total']} found{limited}); lower "
+            "data_split_config.eval_size so that records are left to train on."
+        )
+    counts["selected"] = len(selected)
+    return selected
+
+
+def _manifest(
+    texts: dict[str, str],
+    selected: list[dict[str, Any]],
+    split: DataSplitConfig,
+    workload_type: str,
+    source: dict[str, Any] | None,
+    counts: dict[str, int],
+    class_counts: dict[str, dict[str, int]],
+) -> dict[str, Any]:
+    """What the datasets hold and where they came from, with a hash per file."""
     hashes = {name: hashlib.sha256(t.encode()).hexdigest() for name, t in texts.items()}
     timestamps = [r.get("timestamp") for r in selected if isinstance(r.get("timestamp"), int)]
-    manifest = {
+    return {
         "format": MANIFEST_FORMAT,
         "workload_type": workload_type,
         "source": source or {},
@@ -320,13 +364,6 @@ def curate_records(
         "redacted_pii": placeholder_counts(list(texts.values())),
         "content_sha256": hashlib.sha256("".join(hashes.values()).encode()).hexdigest(),
     }
-    paths: dict[str, Path] = {}
-    if out_dir is not None:
-        paths = write_datasets(Path(out_dir), texts, manifest)
-    progress(Progress("curate", steps, steps, dict(counts)))
-    return CuratedData(
-        eval_rows, train_rows, val_rows, counts, class_counts, workload_type, manifest, paths
-    )
 
 
 FILES = {

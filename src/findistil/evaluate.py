@@ -15,7 +15,7 @@ send ``request.messages`` unchanged; ``icl-eval`` injects few-shot examples from
 (``findistil.icl``). The reference is the teacher's trimmed answer. Every student kind goes
 through the same path: an encoder student's ``predict`` returns answer strings too.
 
-Scoring modes (``eval_config.scoring_mode``, recorded in ``scores["scoring_mode"]``):
+Scoring modes (``eval_config.scoring_mode``, recorded in ``report["scoring_mode"]``):
 ``generate`` is upstream-faithful free greedy generation; ``label_scores`` has the student rank
 the candidate answers instead (the distinct teacher answers of the train rows when given, else
 ``[[label]]`` for all 13 classes), so every output parses.
@@ -149,10 +149,11 @@ def evaluate(
         should_stop: checked between batches; when true, raises ``Cancelled``, writes nothing.
 
     Returns:
-        ``EvalResult`` whose ``scores`` hold ``f1_score`` (upstream's token F1), ``rows``,
-        ``mean_latency_s``, ``rows_per_s``, ``prompt_tokens``, ``completion_tokens``,
-        ``scoring_mode`` and, for classification workloads, ``accuracy``, ``macro_f1``,
-        ``weighted_f1``, ``unparseable_rate``.
+        ``EvalResult`` whose ``scores`` hold only floats (upstream types them
+        ``dict[str, float]``): ``f1_score`` (upstream's token F1), ``mean_latency_s``,
+        ``rows_per_s`` and, for classification workloads, ``accuracy``, ``macro_f1``,
+        ``weighted_f1``, ``unparseable_rate``; ``report`` holds ``scoring_mode``, ``counts``
+        (``rows``, ``prompt_tokens``, ``completion_tokens``), per-class scores, the confusion.
     """
     if eval_type not in EVAL_TYPES:
         raise DataError(f"unknown eval_type {eval_type!r}: use one of {', '.join(EVAL_TYPES)}")
@@ -162,105 +163,29 @@ def evaluate(
     classification = _is_classification(eval_rows, references, eval_config.workload_type)
     mode = eval_config.scoring_mode
     answers = candidate_answers(train_rows, labels) if mode == "label_scores" else None
-
     example_ids: list[list[int]] | None = None
-    icl_report: dict[str, Any] = {}
-    if eval_type == "icl-eval":
-        from findistil.icl import build_icl_prompts
-
-        icl_config = icl_config or ICLConfig()
-        prompts = build_icl_prompts(
-            conversations, train_rows or [], icl_config, count_tokens=_token_counter(student)
-        )
-        conversations = [p.messages for p in prompts]
-        example_ids = [p.example_ids for p in prompts]
-        counts = [len(ids) for ids in example_ids]
-        icl_report = {
-            "example_selection": icl_config.example_selection,
-            "max_examples": icl_config.max_examples,
-            "mean_examples": float(np.mean(counts)),
-            "rows_below_min_examples": sum(c < icl_config.min_examples for c in counts),
-        }
-
-    total = len(conversations)
-    batch = eval_config.batch_size
-    predictions: list[Prediction] = []
-    progress(Progress(eval_type, 0, total))
-    started = time.perf_counter()
-    for start in range(0, total, batch):
-        if should_stop():
-            raise Cancelled(f"{eval_type} cancelled after {start} of {total} rows")
-        chunk = conversations[start : start + batch]
-        out = student.predict(
-            chunk,
-            max_new_tokens=eval_config.max_new_tokens,
-            mode=mode,
-            labels=answers,
-            batch_size=batch,
-            should_stop=should_stop,
-        )
-        if len(out) != len(chunk):
-            raise RuntimeError(
-                f"{type(student).__name__}.predict returned {len(out)} answers for {len(chunk)}"
-            )
-        predictions += out
-        progress(Progress(eval_type, len(predictions), total, {"rows": len(predictions)}))
-    wall = time.perf_counter() - started
-    if should_stop():
-        raise Cancelled(f"{eval_type} cancelled after {total} of {total} rows")
-
-    outputs = [p.text or "" for p in predictions]
-    row_f1 = [metrics.token_f1(o, r) for o, r in zip(outputs, references, strict=True)]
-    parsed = [parse_label(o) for o in outputs]
-    ref_labels = [parse_label(r).label for r in references]
-    scores: dict[str, Any] = {
-        "f1_score": metrics.f1_score(outputs, references),
-        "rows": total,
-        "mean_latency_s": float(np.mean([p.latency_s for p in predictions])),
-        "rows_per_s": total / wall if wall > 0 else 0.0,
-        "prompt_tokens": int(sum(p.prompt_tokens for p in predictions)),
-        "completion_tokens": int(sum(p.completion_tokens for p in predictions)),
-        "scoring_mode": mode,
-    }
     report: dict[str, Any] = {"classification": classification, "scoring_mode": mode}
-    if classification:
-        cls = metrics.classification_scores(
-            [p.label for p in parsed], ref_labels, [p.parseable for p in parsed]
+    if eval_type == "icl-eval":
+        icl_config = icl_config or ICLConfig()
+        conversations, example_ids, report["icl"] = _with_examples(
+            student, conversations, train_rows, icl_config
         )
+    if answers is not None:
+        report["candidate_answers"] = answers
+
+    started = time.perf_counter()
+    predictions = _predict_all(
+        student, conversations, eval_type, eval_config, answers, progress, should_stop
+    )
+    wall = time.perf_counter() - started
+    outputs = [p.text or "" for p in predictions]
+    scores, report["counts"] = _scores(predictions, outputs, references, wall)
+    if classification:
+        cls = metrics.classification_scores(*_labels(outputs, references))
         for key in ("accuracy", "macro_f1", "weighted_f1", "unparseable_rate"):
             scores[key] = cls[key]
         report.update(per_class=cls["per_class"], confusion=cls["confusion"])
-    if answers is not None:
-        report["candidate_answers"] = answers
-    if icl_report:
-        report["icl"] = icl_report
-
-    lines = []
-    for i, (row, pred) in enumerate(zip(eval_rows, predictions, strict=True)):
-        line: dict[str, Any] = {
-            "row": i,
-            "id": row.get("id", row.get("_id", i)),
-            "reference": references[i],
-            "output": outputs[i],
-            "token_f1": row_f1[i],
-            "latency_s": pred.latency_s,
-            "prompt_tokens": pred.prompt_tokens,
-            "completion_tokens": pred.completion_tokens,
-        }
-        if classification:
-            line.update(
-                parsed_label=parsed[i].label if parsed[i].parseable else None,
-                reference_label=ref_labels[i],
-                correct=parsed[i].parseable and parsed[i].label == ref_labels[i],
-            )
-        if example_ids is not None:
-            line["icl_example_ids"] = example_ids[i]
-        if pred.label_scores is not None:
-            line["label_scores"] = pred.label_scores
-        lines.append(json.dumps(line, ensure_ascii=False))
-
-    out_dir = Path(out_dir)
-    predictions_path, scores_path = out_dir / PREDICTIONS_FILE, out_dir / SCORES_FILE
+    lines = _prediction_lines(eval_rows, predictions, references, classification, example_ids)
     card = {
         "eval_type": eval_type,
         "model_id": getattr(student, "model_id", None),
@@ -271,6 +196,8 @@ def evaluate(
         "eval_config": eval_config.model_dump(),
         "icl_config": icl_config.model_dump() if eval_type == "icl-eval" and icl_config else None,
     }
+    out_dir = Path(out_dir)
+    predictions_path, scores_path = out_dir / PREDICTIONS_FILE, out_dir / SCORES_FILE
     write_files_atomically(
         {
             predictions_path: "\n".join(lines) + "\n",
@@ -278,3 +205,128 @@ def evaluate(
         }
     )
     return EvalResult(eval_type, scores, predictions_path, scores_path, report)
+
+
+def _with_examples(
+    student: Student,
+    conversations: list[list[dict]],
+    train_rows: Sequence[dict[str, Any]] | None,
+    icl_config: ICLConfig,
+) -> tuple[list[list[dict]], list[list[int]], dict[str, Any]]:
+    """``icl-eval``'s conversations with few-shot examples, which rows each got, and a summary."""
+    from findistil.icl import build_icl_prompts
+
+    prompts = build_icl_prompts(
+        conversations, train_rows or [], icl_config, count_tokens=_token_counter(student)
+    )
+    example_ids = [p.example_ids for p in prompts]
+    counts = [len(ids) for ids in example_ids]
+    summary = {
+        "example_selection": icl_config.example_selection,
+        "relevance_ratio": icl_config.relevance_ratio,
+        "max_examples": icl_config.max_examples,
+        "mean_examples": float(np.mean(counts)),
+        "rows_below_min_examples": sum(c < icl_config.min_examples for c in counts),
+    }
+    return [p.messages for p in prompts], example_ids, summary
+
+
+def _predict_all(
+    student: Student,
+    conversations: list[list[dict]],
+    eval_type: str,
+    eval_config: EvaluationConfig,
+    answers: list[str] | None,
+    progress: ProgressFn,
+    should_stop: StopFn,
+) -> list[Prediction]:
+    """The student's answers to every conversation, in batches; ``Cancelled`` when stopped."""
+    total = len(conversations)
+    batch = eval_config.batch_size
+    predictions: list[Prediction] = []
+    progress(Progress(eval_type, 0, total))
+    for start in range(0, total, batch):
+        if should_stop():
+            raise Cancelled(f"{eval_type} cancelled after {start} of {total} rows")
+        chunk = conversations[start : start + batch]
+        out = student.predict(
+            chunk,
+            max_new_tokens=eval_config.max_new_tokens,
+            mode=eval_config.scoring_mode,
+            labels=answers,
+            batch_size=batch,
+            should_stop=should_stop,
+        )
+        if len(out) != len(chunk):
+            raise RuntimeError(
+                f"{type(student).__name__}.predict returned {len(out)} answers for {len(chunk)}"
+            )
+        predictions += out
+        progress(Progress(eval_type, len(predictions), total, {"rows": len(predictions)}))
+    if should_stop():
+        raise Cancelled(f"{eval_type} cancelled after {total} of {total} rows")
+    return predictions
+
+
+def _scores(
+    predictions: list[Prediction], outputs: list[str], references: list[str], wall: float
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Scores (only floats, as upstream's ``dict[str, float]``) and counts, kept apart."""
+    total = len(predictions)
+    scores = {
+        "f1_score": metrics.f1_score(outputs, references),
+        "mean_latency_s": float(np.mean([p.latency_s for p in predictions])),
+        "rows_per_s": total / wall if wall > 0 else 0.0,
+    }
+    counts = {
+        "rows": total,
+        "prompt_tokens": int(sum(p.prompt_tokens for p in predictions)),
+        "completion_tokens": int(sum(p.completion_tokens for p in predictions)),
+    }
+    return scores, counts
+
+
+def _labels(outputs: list[str], references: list[str]):
+    """(predicted labels, reference labels, parseable flags) for the classification report."""
+    parsed = [parse_label(o) for o in outputs]
+    return (
+        [p.label for p in parsed],
+        [parse_label(r).label for r in references],
+        [p.parseable for p in parsed],
+    )
+
+
+def _prediction_lines(
+    eval_rows: Sequence[dict[str, Any]],
+    predictions: list[Prediction],
+    references: list[str],
+    classification: bool,
+    example_ids: list[list[int]] | None,
+) -> list[str]:
+    """One JSON line per eval row: its answer, the reference, token F1 and usage."""
+    lines = []
+    for i, (row, pred) in enumerate(zip(eval_rows, predictions, strict=True)):
+        output = pred.text or ""
+        line: dict[str, Any] = {
+            "row": i,
+            "id": row.get("id", row.get("_id", i)),
+            "reference": references[i],
+            "output": output,
+            "token_f1": metrics.token_f1(output, references[i]),
+            "latency_s": pred.latency_s,
+            "prompt_tokens": pred.prompt_tokens,
+            "completion_tokens": pred.completion_tokens,
+        }
+        if classification:
+            parsed, ref_label = parse_label(output), parse_label(references[i]).label
+            line.update(
+                parsed_label=parsed.label if parsed.parseable else None,
+                reference_label=ref_label,
+                correct=parsed.parseable and parsed.label == ref_label,
+            )
+        if example_ids is not None:
+            line["icl_example_ids"] = example_ids[i]
+        if pred.label_scores is not None:
+            line["label_scores"] = pred.label_scores
+        lines.append(json.dumps(line, ensure_ascii=False))
+    return lines

@@ -12,7 +12,8 @@ Two selections (``icl_config.example_selection``):
   engine's shared-prefix KV reuse still applies.
 - ``semantic_similarity``: embed the variable part of the last user message (the headline, found
   with ``students.pruning.PruningRule``) with all-MiniLM-L6-v2 and take the k train rows nearest
-  by cosine (brute-force numpy; fine up to ~100k rows).
+  by cosine (brute-force numpy; fine up to ~100k rows). With a ``similarity_config``, only
+  ``relevance_ratio`` of them are the nearest; the rest cover answer classes those miss.
 
 Examples show the variable part of the user message (not the ~1k tokens of instructions the
 financial workload repeats) and the teacher's answer. They are added in rank order while the
@@ -156,6 +157,28 @@ def nearest_rows(
     return out
 
 
+def relevance_coverage(
+    candidates: Sequence[int], classes: Sequence[str], k: int, ratio: float
+) -> list[int]:
+    """Nearest-first ``candidates`` reordered for relevance plus coverage (upstream's
+    ``similarity_config.relevance_ratio``, which it applies to tool names).
+
+    The first ``int(k * ratio)`` stay; then the nearest row of each answer class they do not
+    show yet; then the rest in nearness order. Example: candidates ``[a1, a2, a3, b1]`` with
+    k 3 and ratio 0.34 -> ``[a1, b1, a2, a3]``.
+    """
+    chosen = list(candidates[: int(k * ratio)])
+    covered = {classes[i] for i in chosen}
+    for i in candidates[len(chosen) :]:
+        if len(chosen) >= k:
+            break
+        if classes[i] not in covered:
+            chosen.append(i)
+            covered.add(classes[i])
+    taken = set(chosen)
+    return chosen + [i for i in candidates if i not in taken]
+
+
 def format_examples(examples: Sequence[tuple[str, str]]) -> str:
     """The text block added to the system message: an intro, then input/reply pairs."""
     parts = [EXAMPLES_INTRO]
@@ -263,6 +286,10 @@ def build_icl_prompts(
             k * _NEIGHBOUR_SPARES,
             exclude=[where.get(q, []) for q in queries],
         )
+        if icl_config.relevance_ratio < 1.0:
+            classes = [example_class(r) for r in train_rows]
+            ratio = icl_config.relevance_ratio
+            candidates = [relevance_coverage(c, classes, k, ratio) for c in candidates]
     return [
         fit_examples(conv, cands, shown, k=k, budget=budget, count_tokens=count_tokens)
         for conv, cands in zip(conversations, candidates, strict=True)

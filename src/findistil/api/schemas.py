@@ -101,10 +101,16 @@ class JobListResponse(_Open):
 
 class Evaluation(_Open):
     eval_type: str
-    scores: dict[str, Any] = Field(default_factory=dict)
+    scores: dict[str, float] = Field(
+        default_factory=dict, description="only floats, as upstream types them"
+    )
+    scoring_mode: str | None = Field(None, description="generate | label_scores")
+    counts: dict[str, int] = Field(
+        default_factory=dict, description="rows, prompt_tokens, completion_tokens"
+    )
     started_at: Timestamp = None
     finished_at: Timestamp = None
-    runtime_seconds: float | None = None
+    runtime_seconds: float = Field(0.0, description="so far, while it runs")
     progress: float = 0.0
     nmp_uri: str | None = None
     mlflow_uri: str | None = None
@@ -114,7 +120,7 @@ class Evaluation(_Open):
 class Customization(_Open):
     started_at: Timestamp = None
     finished_at: Timestamp = None
-    runtime_seconds: float | None = None
+    runtime_seconds: float = 0.0
     progress: float = 0.0
     epochs_completed: int = 0
     steps_completed: int = 0
@@ -128,7 +134,7 @@ class Nim(_Open):
     model_name: str
     status: str
     deployment_status: str | None = None
-    runtime_seconds: float | None = None
+    runtime_seconds: float = 0.0
     error: str | None = None
     evaluations: list[Evaluation] = Field(default_factory=list)
     customizations: list[Customization] = Field(default_factory=list)
@@ -141,9 +147,10 @@ class JobDetail(_Open):
     workload_id: str
     client_id: str
     status: JobStatus
-    started_at: Timestamp = None
+    started_at: Timestamp = Field(None, description="when a runner started it, else created")
     finished_at: Timestamp = None
-    num_records: int | None = None
+    created_at: Timestamp = None
+    num_records: int = Field(0, description="records curated (0 until datasets exist)")
     llm_judge: dict[str, Any] | None = None
     datasets: list[Dataset] = Field(default_factory=list)
     nims: list[Nim] = Field(default_factory=list)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -109,6 +110,7 @@ SUMMARY_COLUMNS = (
     "workload_id",
     "client_id",
     "status",
+    "created_at",
     "started_at",
     "finished_at",
     "datasets",
@@ -122,7 +124,7 @@ def _summary(row) -> dict:
         "workload_id": row.workload_id,
         "client_id": row.client_id,
         "status": row.status,
-        "started_at": iso(row.started_at),
+        "started_at": iso(row.started_at or row.created_at),  # upstream requires it
         "finished_at": iso(row.finished_at),
         "datasets": list(row.datasets or []),
         "error": row.error,
@@ -162,29 +164,62 @@ def count_jobs(db: FlywheelDB, *, status: str | None = None, workload_id: str | 
         return int(conn.execute(query).scalar_one())
 
 
-def _load_job(conn, job_id: str):
+def _load_job(conn, job_id: str, missing: str = "Job not found"):
+    """The job's row; ``NotFound(missing)`` when there is none (upstream's GET says "Job not
+    found", its cancel and delete "Job with ID {id} not found")."""
     row = conn.execute(select(jobs).where(jobs.c.id == validate_job_id(job_id))).first()
     if row is None:
-        raise NotFound("Job not found")
+        raise NotFound(missing.format(id=job_id))
     return row
+
+
+_NO_SUCH_JOB = "Job with ID {id} not found"
 
 
 def predictions_url(job_id: str, eval_id: int) -> str:
     return f"/api/jobs/{job_id}/evaluations/{eval_id}/predictions"
 
 
-def _evaluation(job_id: str, row) -> dict:
+def _runtime(row, now: datetime) -> float:
+    """Seconds a stage ran: as stored once finished, else so far (0 before it started).
+
+    Upstream's models require ``runtime_seconds``, so it is never null in a response."""
+    if row.runtime_seconds is not None:
+        return float(row.runtime_seconds)
+    if row.started_at is None:
+        return 0.0
+    end = as_utc(row.finished_at) or now
+    return max(0.0, (end - as_utc(row.started_at)).total_seconds())
+
+
+def float_scores(scores: dict | None) -> dict[str, float]:
+    """The numeric scores only, as floats: upstream types ``scores`` as ``dict[str, float]``
+    (rows stored before counts and ``scoring_mode`` moved out of it carry them too)."""
+    out = {}
+    for key, value in (scores or {}).items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and key not in _COUNTS:
+            out[key] = float(value)
+    return out
+
+
+_COUNTS = ("rows", "prompt_tokens", "completion_tokens")
+
+
+def _evaluation(job_id: str, row, now: datetime) -> dict:
     has_predictions = row.status == "completed" and bool(row.predictions_key)
     report = row.report or {}
+    stored = row.scores or {}
     return {
         "id": row.id,
         "eval_type": row.eval_type,
         "status": row.status,
-        "scores": dict(row.scores or {}),
+        "scores": float_scores(stored),
+        "scoring_mode": report.get("scoring_mode", stored.get("scoring_mode")),
+        "counts": report.get("counts") or {k: stored[k] for k in _COUNTS if k in stored},
         "started_at": iso(row.started_at),
         "finished_at": iso(row.finished_at),
-        "runtime_seconds": row.runtime_seconds,
-        "progress": row.progress,
+        "runtime_seconds": _runtime(row, now),
+        "progress": row.progress or 0.0,
         "nmp_uri": row.nmp_uri,
         "mlflow_uri": row.mlflow_uri,
         "predictions_url": predictions_url(job_id, row.id) if has_predictions else None,
@@ -194,16 +229,16 @@ def _evaluation(job_id: str, row) -> dict:
     }
 
 
-def _customization(row) -> dict:
+def _customization(row, now: datetime) -> dict:
     return {
         "id": row.id,
         "status": row.status,
         "started_at": iso(row.started_at),
         "finished_at": iso(row.finished_at),
-        "runtime_seconds": row.runtime_seconds,
-        "progress": row.progress,
-        "epochs_completed": row.epochs_completed,
-        "steps_completed": row.steps_completed,
+        "runtime_seconds": _runtime(row, now),
+        "progress": row.progress or 0.0,
+        "epochs_completed": row.epochs_completed or 0,
+        "steps_completed": row.steps_completed or 0,
         "nmp_uri": row.nmp_uri,
         "customized_model": row.customized_model,
         "mlflow_uri": row.mlflow_uri,
@@ -231,6 +266,7 @@ def get_job(db: FlywheelDB, job_id: str) -> dict:
             .where(customizations.c.job_id == job_id)
             .order_by(customizations.c.id)
         ).all()
+    now = utcnow()
     nims = []
     for cand in cands:
         nims.append(
@@ -242,7 +278,7 @@ def get_job(db: FlywheelDB, job_id: str) -> dict:
                 "deployment_status": cand.deployment_status,
                 "started_at": iso(cand.started_at),
                 "finished_at": iso(cand.finished_at),
-                "runtime_seconds": cand.runtime_seconds,
+                "runtime_seconds": _runtime(cand, now),
                 "error": cand.error,
                 "worker": cand.worker,
                 "queue": cand.queue,
@@ -255,8 +291,12 @@ def get_job(db: FlywheelDB, job_id: str) -> dict:
                 "examples_per_s": cand.examples_per_s,
                 "cost_per_1k_rows_s": cand.s_per_row * 1000 if cand.s_per_row else None,
                 "stages": cand.stages,
-                "evaluations": [_evaluation(job_id, e) for e in evals if e.candidate_id == cand.id],
-                "customizations": [_customization(c) for c in customs if c.candidate_id == cand.id],
+                "evaluations": [
+                    _evaluation(job_id, e, now) for e in evals if e.candidate_id == cand.id
+                ],
+                "customizations": [
+                    _customization(c, now) for c in customs if c.candidate_id == cand.id
+                ],
             }
         )
     config = JobConfig.model_validate(job.config or {})
@@ -273,9 +313,10 @@ def get_job(db: FlywheelDB, job_id: str) -> dict:
         "workload_id": job.workload_id,
         "client_id": job.client_id,
         "status": job.status,
-        "started_at": iso(job.started_at),
+        "started_at": iso(job.started_at or job.created_at),
         "finished_at": iso(job.finished_at),
-        "num_records": job.num_records,
+        "created_at": iso(job.created_at),
+        "num_records": job.num_records or 0,
         "llm_judge": job.llm_judge,
         "datasets": list(job.datasets or []),
         "nims": nims,
@@ -313,7 +354,7 @@ def cancel_job(db: FlywheelDB, job_id: str) -> dict:
     process owned too); running stages notice within ~a second and stop."""
     now = utcnow()
     with db.begin() as conn:
-        _load_job(conn, job_id)
+        job = _load_job(conn, job_id, _NO_SUCH_JOB)
         changed = conn.execute(
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.status.in_(("pending", "running")))
@@ -322,6 +363,8 @@ def cancel_job(db: FlywheelDB, job_id: str) -> dict:
         if changed:
             close_unfinished(conn, job_id, "cancelled", CANCELLED_BY_USER, now)
     if not changed:
+        if job.status == "cancelled":  # asking twice is not an error (upstream's answer)
+            return {"id": job_id, "message": "Job is already cancelled."}
         raise JobStateError("Cannot cancel a job that has already finished.")
     return {"id": job_id, "message": "Job cancellation initiated successfully."}
 
@@ -333,7 +376,7 @@ def delete_job(db: FlywheelDB, artifacts: ArtifactStore, job_id: str) -> dict:
     (it is stopping), so no file is removed under a stage that still writes it.
     """
     with db.begin() as conn:
-        job = _load_job(conn, job_id)
+        job = _load_job(conn, job_id, _NO_SUCH_JOB)
     if job.status not in FINISHED:
         raise JobStateError("Cannot delete a running job. Please cancel the job first.")
     holder = live_lease(db, job_id)
