@@ -309,6 +309,12 @@ class Settings(BaseSettings):
     max_record_bytes: int = Field(
         1 << 20, ge=1024, description="a longer log line or CSV row is rejected on load"
     )
+    max_log_batch_records: int = Field(
+        10_000, ge=1, description="records one POST /api/logs may carry"
+    )
+    max_log_batch_bytes: int = Field(
+        32 << 20, ge=64 << 10, description="body size one POST /api/logs may have"
+    )
     api_token: SecretStr | None = Field(
         None, description="an admin token (FINDISTIL_API_TOKEN); adds to api_tokens"
     )

@@ -24,7 +24,7 @@ import json
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -54,7 +54,7 @@ class LoadReport:
     loaded: int = 0
     rejected: int = 0
     blank: int = 0
-    errors: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (where, reason), bounded
     replaced: int = 0
     source_format: str = ""
     targets: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -64,10 +64,15 @@ class LoadReport:
     def lines(self) -> int:
         return self.loaded + self.rejected + self.blank
 
+    @property
+    def errors(self) -> list[str]:
+        """The kept rejections as ``where: reason`` lines."""
+        return [f"{where}: {reason}" for where, reason in self.problems]
+
     def reject(self, where: str, reason: str) -> None:
         self.rejected += 1
-        if len(self.errors) < MAX_ERRORS_KEPT:
-            self.errors.append(f"{where}: {reason}")
+        if len(self.problems) < MAX_ERRORS_KEPT:
+            self.problems.append((where, reason))
 
 
 class _Rejected(Exception):
@@ -208,6 +213,20 @@ def _json_object(raw: bytes | int, lineno: int, limit: int) -> dict[str, Any] | 
     return obj
 
 
+def parse_json_object(raw: bytes, what: str = "request body") -> dict[str, Any]:
+    """A JSON object from ``raw`` by the loader's rules (UTF-8, standard JSON only, bounded
+    nesting); ``DataError`` naming the problem otherwise."""
+    try:
+        obj = _json_object(raw, 1, len(raw))
+    except _Rejected as exc:
+        raise DataError(f"{what}: {exc}") from None
+    except RecursionError:
+        raise DataError(f"{what}: invalid JSON (nested too deeply)") from None
+    if obj is None:
+        raise DataError(f"{what} is empty: send a JSON object")
+    return obj
+
+
 def _jsonl_records(
     path: Path, workload_id: str | None, client_id: str | None, report: LoadReport, limit: int
 ) -> Iterator[tuple[int, dict[str, Any] | _Rejected | None]]:
@@ -219,21 +238,36 @@ def _jsonl_records(
                 if obj is None:
                     yield lineno, None
                     continue
-                if "workload_id" in obj or "request" in obj:
-                    report.source_format = report.source_format or "log"
-                    record = _from_log_row(obj, workload_id, client_id, derived)
-                elif "messages" in obj:
-                    report.source_format = report.source_format or "conversation"
-                    record = _from_conversation(obj, workload_id or derived, derived)
-                else:
-                    raise _Rejected(
-                        "not a log record (no workload_id/request) nor a conversation (no messages)"
-                    )
-                yield lineno, _validated(record)
+                yield lineno, record_from_object(obj, workload_id, client_id, derived, report)
             except _Rejected as exc:
                 yield lineno, exc
             except RecursionError:
                 yield lineno, _Rejected("record nested too deeply")
+
+
+def record_from_object(
+    obj: dict[str, Any],
+    workload_id: str | None,
+    client_id: str | None,
+    derived: str | None,
+    report: LoadReport,
+) -> dict[str, Any]:
+    """One parsed JSON object -- a log record or a conversation -- as a validated log record.
+
+    ``workload_id``/``client_id`` override the object's; ``derived`` is the client id of a
+    row that has none. Raises ``_Rejected`` naming the field at fault.
+    """
+    if "workload_id" in obj or "request" in obj:
+        report.source_format = report.source_format or "log"
+        record = _from_log_row(obj, workload_id, client_id, derived)
+    elif "messages" in obj:
+        report.source_format = report.source_format or "conversation"
+        record = _from_conversation(obj, workload_id or derived, client_id or derived)
+    else:
+        raise _Rejected(
+            "not a log record (no workload_id/request) nor a conversation (no messages)"
+        )
+    return _validated(record)
 
 
 def _csv_lines(fh, report: LoadReport, limit: int) -> Iterator[str]:
@@ -342,13 +376,31 @@ def load_file(
     report = LoadReport()
     total = _count_lines(path)
     reader = _csv_records if path.suffix.lower() == ".csv" else _jsonl_records
-    lineno = 0
+    items = reader(path, workload_id, client_id, report, max_record_bytes)
+    last = _store_items(items, store, report, replace, redact_pii, progress, total, f"{path}:")
+    progress(Progress("load", max(last, total), max(last, total), _info(report)))
+    return report
+
+
+def _store_items(
+    items: Iterable[tuple[int, dict[str, Any] | _Rejected | None]],
+    store: LogStore,
+    report: LoadReport,
+    replace: bool,
+    redact_pii: bool,
+    progress: ProgressFn,
+    total: int,
+    where: str,
+) -> int:
+    """Write each record of ``items`` (position, record | rejection | None for blank) in one
+    transaction, counting every item in ``report``; returns the last position seen."""
+    position = 0
     with store.writer(replace=replace) as writer:
-        for lineno, item in reader(path, workload_id, client_id, report, max_record_bytes):
+        for position, item in items:
             if item is None:
                 report.blank += 1
             elif isinstance(item, _Rejected):
-                report.reject(f"{path}:{lineno}", str(item))
+                report.reject(f"{where}{position}", str(item))
             else:
                 if redact_pii:
                     report.redacted.update(redact_record(item))
@@ -357,10 +409,54 @@ def load_file(
                 key = (item["workload_id"], item["client_id"])
                 report.targets[key] = report.targets.get(key, 0) + 1
             if report.lines % PROGRESS_EVERY == 0:
-                progress(Progress("load", lineno, total, _info(report)))
+                progress(Progress("load", position, total, _info(report)))
         report.replaced = writer.deleted
-    progress(Progress("load", max(lineno, total), max(lineno, total), _info(report)))
+    return position
+
+
+def load_objects(
+    objects: Sequence[Any],
+    store: LogStore,
+    *,
+    workload_id: str | None = None,
+    client_id: str | None = None,
+    max_record_bytes: int = MAX_RECORD_BYTES,
+    redact_pii: bool = False,
+) -> LoadReport:
+    """Store a batch of parsed JSON values (``POST /api/logs``), each a log record or a
+    conversation, with the file loader's checks; a rejection's place is the value's index.
+
+    Example: ``load_objects([record], store).loaded == 1``.
+    """
+    report = LoadReport()
+
+    def items() -> Iterator[tuple[int, dict[str, Any] | _Rejected]]:
+        for index, obj in enumerate(objects):
+            try:
+                yield index, _object_record(obj, workload_id, client_id, report, max_record_bytes)
+            except _Rejected as exc:
+                yield index, exc
+
+    _store_items(items(), store, report, False, redact_pii, no_progress, len(objects), "")
     return report
+
+
+def _object_record(obj, workload_id, client_id, report, limit) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise _Rejected(f"expected a JSON object, got {type(obj).__name__}")
+    try:
+        size = len(json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8", "replace"))
+    except RecursionError:
+        raise _Rejected("record nested too deeply") from None
+    if size > limit:
+        raise _Rejected(
+            f"record is {size:,} bytes, over max_record_bytes ({limit:,}): split the record "
+            "or raise max_record_bytes"
+        )
+    try:
+        return record_from_object(dict(obj), workload_id, client_id, None, report)
+    except RecursionError:
+        raise _Rejected("record nested too deeply") from None
 
 
 def _check_readable(path: Path) -> None:

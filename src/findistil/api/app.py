@@ -37,6 +37,7 @@ import findistil
 from findistil.api.auth import TokenAuth
 from findistil.api.deps import DBDep, RunnerDep
 from findistil.api.jobs import router as jobs_router
+from findistil.api.logs import router as logs_router
 from findistil.api.schemas import HealthResponse, openai_error_body
 from findistil.config import Settings, load_settings
 from findistil.errors import FindistilError
@@ -52,17 +53,21 @@ class BodySizeLimit:
     """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed), on
     every method (a DELETE or GET may carry a body too)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES, paths: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.paths = paths or {}  # path -> its own limit (POST /api/logs takes batches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(scope["path"].rstrip("/"), self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, send, limit)
             return
         # Read the (small) body here, counting, and replay it: a chunked body with no
         # Content-Length is limited too, and the app never sees a partial body.
@@ -74,8 +79,8 @@ class BodySizeLimit:
                 return  # client went away
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._refuse(scope, send)
+            if size > limit:
+                await self._refuse(scope, send, limit)
                 return
             if not message.get("more_body", False):
                 break
@@ -90,8 +95,8 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        message = f"Request body too large: the limit is {self.max_bytes} bytes."
+    async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
+        message = f"Request body too large: the limit is {limit} bytes."
         v1 = scope["path"].startswith("/v1/")
         body = openai_error_body(message, "request_too_large") if v1 else {"detail": message}
         await JSONResponse(body, status_code=413)({"type": "http"}, _no_receive, send)
@@ -186,6 +191,7 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(jobs_router)
+    app.include_router(logs_router)
     from findistil.api.openai import router as openai_router  # OpenAI-compatible serving
 
     app.include_router(openai_router)
@@ -259,7 +265,8 @@ def _lifespan(resolved: Settings, start_runner: bool):
 def _add_middleware(app: FastAPI, resolved: Settings) -> None:
     """Starlette runs the last added outermost: CORS, then the Host check, then tokens, then
     the body limit (an unauthenticated upload is refused before it is read)."""
-    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    logs = {"/api/logs": resolved.max_log_batch_bytes}
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, paths=logs)
     app.add_middleware(TokenAuth, tokens=resolved.all_api_tokens())
     if resolved.trusted_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=resolved.trusted_hosts)

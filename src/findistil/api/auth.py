@@ -8,7 +8,7 @@ files, the OpenAPI schema and docs) needs ``Authorization: Bearer <token>``:
 
 - ``read``: ``GET``/``HEAD`` under ``/api`` and everything under ``/v1`` (model list, chat
   completions): what an application serving traffic needs;
-- ``admin``: also the writing routes (create, cancel, delete; deploy and logs when added).
+- ``admin``: also the writing routes (create, cancel, delete, ``POST /api/logs``).
 
 A missing or unknown token is 401, a read token on an admin route 403; in upstream's
 ``{"detail": ...}`` shape under ``/api`` and in OpenAI's ``{"error": {...}}`` under ``/v1``

@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse
 
 from findistil.api.deps import ArtifactsDep, DBDep, RunnerDep, SettingsDep, StoreDep
 from findistil.api.schemas import (
+    AUTH_RESPONSES,
     ErrorResponse,
     JobActionResponse,
     JobDetail,
@@ -28,9 +29,7 @@ from findistil.api.schemas import (
 from findistil.flywheel import jobs as service
 from findistil.flywheel.jobs import JOB_ID_RE
 
-# 401/403 come from the token check (api/auth.py) when tokens are configured.
-_AUTH = {401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}}
-router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=_AUTH)
+router = APIRouter(prefix="/api/jobs", tags=["jobs"], responses=AUTH_RESPONSES)
 
 _ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
 _TOO_LARGE = {413: {"model": ErrorResponse, "description": "body over 64 KiB"}}

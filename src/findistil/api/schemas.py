@@ -67,7 +67,51 @@ class JobRequest(BaseModel):
         return value
 
 
+class LogBatch(BaseModel):
+    """Body of ``POST /api/logs``: logged calls, each an upstream log record or a
+    conversation (``{"messages": [..., assistant answer], "tools"?}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    records: list[Any] = Field(..., description="log records or conversations")
+    workload_id: str | None = Field(
+        None, min_length=1, max_length=256, description="set on every record (overrides)"
+    )
+    client_id: str | None = Field(
+        None, min_length=1, max_length=256, description="set on every record (overrides)"
+    )
+
+
 # -- responses ----------------------------------------------------------------------------
+
+
+class LogRejection(BaseModel):
+    index: int = Field(description="position of the record in the batch")
+    reason: str
+
+
+class LogTarget(BaseModel):
+    workload_id: str
+    client_id: str
+    records: int
+
+
+class LogBatchResponse(BaseModel):
+    """Answer of ``POST /api/logs``: ``stored + rejected`` is the batch's size."""
+
+    stored: int
+    rejected: int
+    errors: list[LogRejection] = Field(description="the first 200 rejections")
+    targets: list[LogTarget] = Field(description="records stored per workload/client")
+    redacted: dict[str, int] = Field(
+        default_factory=dict, description="PII placeholders put in (redact_pii)"
+    )
+
+
+class LogWorkloadsResponse(BaseModel):
+    """Answer of ``GET /api/logs``: what the log store holds."""
+
+    workloads: list[LogTarget]
 
 
 class JobResponse(_Open):
@@ -182,6 +226,19 @@ class HealthResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+# 401/403 come from the token check (api/auth.py) when tokens are configured.
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse},
+    403: {"model": ErrorResponse},
+}
+
+
+class ValidationErrorResponse(BaseModel):
+    """422: each bad field with ``loc``, ``msg``, ``type`` and an excerpt of the input."""
+
+    detail: list[dict[str, Any]]
 
 
 class OpenAIErrorBody(BaseModel):
