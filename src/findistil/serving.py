@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from findistil.config import Settings
+from findistil.errors import FindistilError
 from findistil.students import Prediction
 from findistil.students.base import Conversation
 from findistil.students.cache import StudentCache
@@ -51,6 +52,11 @@ class ServedModel:
         }
 
 
+class ContextTooLong(FindistilError):
+    """The prompt and the answer budget do not fit the model (OpenAI's
+    ``context_length_exceeded``): refused rather than answered from a cut-off prompt."""
+
+
 def answer(
     cache: StudentCache,
     settings: Settings,
@@ -59,8 +65,22 @@ def answer(
     *,
     max_new_tokens: int,
 ) -> Prediction:
-    """Answer one conversation with ``model`` (loading it into the cache first if needed)."""
+    """Answer one conversation with ``model`` (loading it into the cache first if needed).
+
+    A generating student refuses a prompt longer than its context (``ContextTooLong``); a
+    classifier reads the end of an over-long prompt and says how much it dropped
+    (``Prediction.truncated_tokens``).
+    """
     with cache.use(model.model_name, model.kind, settings, adapter=model.adapter_path) as student:
+        context = getattr(student, "context_length", None)
+        if context is not None:
+            needed = student.prompt_length(conversation) + max_new_tokens
+            if needed > context:
+                raise ContextTooLong(
+                    f"This model's maximum context length is {context} tokens, but the "
+                    f"messages and max_tokens need {needed}: shorten the messages or lower "
+                    "max_tokens."
+                )
         return student.predict([conversation], max_new_tokens=max_new_tokens)[0]
 
 
@@ -68,8 +88,7 @@ def chat_completion(
     model: ServedModel, prediction: Prediction, *, max_new_tokens: int, request_id: str
 ) -> dict:
     """OpenAI's ``chat.completion`` object for one answer."""
-    # The engine stops at the end-of-turn token; hitting the budget exactly means cut off.
-    finish = "length" if prediction.completion_tokens >= max_new_tokens else "stop"
+    finish = finish_reason(prediction, max_new_tokens)
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -83,12 +102,55 @@ def chat_completion(
                 "logprobs": None,
             }
         ],
-        "usage": {
-            "prompt_tokens": prediction.prompt_tokens,
-            "completion_tokens": prediction.completion_tokens,
-            "total_tokens": prediction.prompt_tokens + prediction.completion_tokens,
-        },
+        "usage": usage(prediction),
     }
+
+
+def usage(prediction: Prediction) -> dict:
+    """OpenAI's usage object; ``truncated_prompt_tokens`` (findistil's) counts the prompt
+    tokens a classifier did not read, so a cut is never silent."""
+    return {
+        "prompt_tokens": prediction.prompt_tokens,
+        "completion_tokens": prediction.completion_tokens,
+        "total_tokens": prediction.prompt_tokens + prediction.completion_tokens,
+        "truncated_prompt_tokens": prediction.truncated_tokens,
+    }
+
+
+def finish_reason(prediction: Prediction, max_new_tokens: int) -> str:
+    # The engine stops at the end-of-turn token; hitting the budget exactly means cut off.
+    return "length" if prediction.completion_tokens >= max_new_tokens else "stop"
+
+
+def completion_chunks(
+    model: ServedModel,
+    prediction: Prediction,
+    *,
+    max_new_tokens: int,
+    request_id: str,
+    include_usage: bool,
+) -> list[dict]:
+    """The answer as OpenAI's ``chat.completion.chunk`` stream: the role, the text (one
+    chunk: students answer in a few tokens and finish before the first byte goes out), the
+    finish reason, then the usage when ``stream_options.include_usage`` asked for it."""
+    head = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model.id,
+    }
+    deltas = [
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": prediction.text}, None),
+        ({}, finish_reason(prediction, max_new_tokens)),
+    ]
+    chunks = [
+        {**head, "choices": [{"index": 0, "delta": d, "finish_reason": f, "logprobs": None}]}
+        for d, f in deltas
+    ]
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": usage(prediction)})
+    return chunks
 
 
 def flatten_content(content: str | Sequence[dict] | None) -> str:

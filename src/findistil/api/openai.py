@@ -8,27 +8,39 @@ malformed body (422, ``param`` naming the field) and a too-large one (413) inclu
 model work lives in ``findistil.serving``; generation runs on its own two threads
 (``MODEL_WORK``) so the event loop and ``/api/jobs`` keep answering meanwhile.
 
-Decoding is always greedy: ``temperature``/``top_p`` are accepted (clients send them by
-default) and ignored. ``n`` must be 1 and ``stream`` false.
+Decoding is always greedy: ``temperature``/``top_p``/``seed`` are accepted (clients send
+them by default) and change nothing. A parameter that would change the answer and that the
+students cannot honour (``n`` > 1, ``tools``, ``tool_choice``, a non-text
+``response_format``, ``logprobs``, ``stop``, penalties, ``logit_bias``) is a 400 naming it,
+never silently ignored. ``stream: true`` answers in OpenAI's server-sent events. A prompt
+longer than a generating student's context is a 400 ``context_length_exceeded``; a
+classifier reads the end of it and reports the cut as ``usage.truncated_prompt_tokens``.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import secrets
 from typing import Any, Literal
 
 from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from findistil.api.deps import ArtifactsDep, CacheDep, DBDep, SettingsDep
 from findistil.api.schemas import OpenAIErrorResponse, openai_error_body
 from findistil.errors import FindistilError
 from findistil.flywheel.jobs import find_served_model, served_models
-from findistil.serving import answer, chat_completion, flatten_content
+from findistil.serving import (
+    ContextTooLong,
+    answer,
+    chat_completion,
+    completion_chunks,
+    flatten_content,
+)
 
 _ERROR = {"model": OpenAIErrorResponse}
 router = APIRouter(
@@ -61,12 +73,49 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0, le=2)  # ignored: always greedy
-    n: int = 1
-    stream: bool = False
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
 
 
-def openai_error(status: int, message: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse(openai_error_body(message, code), status)
+# Parameters that change an answer, with the values that leave it unchanged (what clients
+# send by default); any other value is refused, naming the parameter.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "stop": (None, [], ""),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+}
+
+
+def unsupported(body: ChatRequest) -> str | None:
+    """The first parameter of ``body`` the students cannot honour, or None."""
+    values = {"n": body.n, **(body.model_extra or {})}
+    for name, neutral in _NEUTRAL.items():
+        if name in values and not any(_same(values[name], v) for v in neutral):
+            return name
+    return None
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """Equal, where a bool only equals a bool (``true`` is not ``n=1``)."""
+    if isinstance(value, bool) != isinstance(neutral, bool):
+        return False
+    return value == neutral
+
+
+def openai_error(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
+    return JSONResponse(openai_error_body(message, code, param), status)
 
 
 @router.get("/models")
@@ -88,10 +137,16 @@ async def chat_completions(
     body: ChatRequest, db: DBDep, artifacts: ArtifactsDep, settings: SettingsDep, cache: CacheDep
 ) -> dict | JSONResponse:
     """Answer the conversation with the named student (greedy decoding)."""
-    if body.stream:
-        return openai_error(400, "stream=true is not supported: send stream=false")
-    if body.n != 1:
-        return openai_error(400, f"n={body.n} is not supported: send n=1")
+    refused = unsupported(body)
+    if refused is not None:
+        value = (body.model_extra or {}).get(refused, body.n)
+        return openai_error(
+            400,
+            f"{refused}={json.dumps(value)[:80]} is not supported by findistil's students "
+            f"(they answer one greedy text reply): leave {refused} out",
+            "unsupported_parameter",
+            refused,
+        )
     try:
         model = await run_in_threadpool(find_served_model, db, artifacts, body.model)
     except FindistilError as exc:
@@ -101,7 +156,17 @@ async def chat_completions(
     work = functools.partial(answer, cache, settings, model, conversation, max_new_tokens=budget)
     try:
         prediction = await to_thread.run_sync(work, limiter=MODEL_WORK)
+    except ContextTooLong as exc:
+        return openai_error(400, str(exc), "context_length_exceeded", "messages")
     except FindistilError as exc:  # weights gone, adapter unreadable, ...
         return openai_error(exc.http_status, str(exc), "model_error")
     request_id = "chatcmpl-" + secrets.token_hex(12)
-    return chat_completion(model, prediction, max_new_tokens=budget, request_id=request_id)
+    if not body.stream:
+        return chat_completion(model, prediction, max_new_tokens=budget, request_id=request_id)
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    chunks = completion_chunks(
+        model, prediction, max_new_tokens=budget, request_id=request_id,
+        include_usage=include_usage,
+    )  # fmt: skip
+    events = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+    return StreamingResponse(iter(events), media_type="text/event-stream")

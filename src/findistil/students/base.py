@@ -39,6 +39,7 @@ class Prediction:
     latency_s: float = 0.0
     # log-likelihood (causal LM) or logit (encoder) of every candidate answer, when scored
     label_scores: dict[str, float] | None = None
+    truncated_tokens: int = 0  # prompt tokens dropped to fit the model (encoder: left side)
 
 
 @dataclass

@@ -111,6 +111,16 @@ class CausalLMStudent(Student):
             for r in ranks
         ]
 
+    @property
+    def context_length(self) -> int:
+        """Tokens the model can attend over: prompt plus answer."""
+        config = self.engine.model.config.get_text_config(decoder=True)
+        return int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+
+    def prompt_length(self, conversation: Conversation) -> int:
+        """Tokens of ``conversation``'s prompt as this model would see it (after pruning)."""
+        return len(self.engine.encode(self._prepare([conversation])[0]))
+
     # -------------------------------------------------------------------------- adapters
 
     def use_tuned(self, path: Path | None) -> None:

@@ -142,9 +142,19 @@ class EncoderStudent(Student):
 
     # ---------------------------------------------------------------------- inputs
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return [ids for ids, _ in self._encode_counted(texts)]
+
+    def _encode_counted(self, texts: Sequence[str]) -> list[tuple[list[int], int]]:
+        """(token ids, tokens dropped) per text: a text over ``max_length`` keeps its first
+        (CLS) token and its end, where the variable part of a prompt is."""
         if not texts:
             return []
-        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        full = self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+        out = []
+        for ids in full:
+            cut = max(0, len(ids) - self.max_length)
+            out.append((ids[:1] + ids[1 + cut :] if cut else ids, cut))
+        return out
 
     def _batch(self, rows: Sequence[_Row]) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id or 0
@@ -394,7 +404,8 @@ class EncoderStudent(Student):
                 "first or load a trained folder with use_tuned(path) (an encoder has no "
                 "zero-shot base or few-shot evaluation)"
             )
-        rows = [_Row(ids) for ids in self._encode([self.input_text(c) for c in conversations])]
+        encoded = self._encode_counted([self.input_text(c) for c in conversations])
+        rows = [_Row(ids) for ids, _ in encoded]
         wanted: list[tuple[str, int]] = []
         if labels:
             index = {k: i for i, k in enumerate(self._keys)}
@@ -423,6 +434,7 @@ class EncoderStudent(Student):
                         prompt_tokens=len(rows[i].input_ids),
                         latency_s=per_row,
                         label_scores=scores,
+                        truncated_tokens=encoded[i][1],
                     )
                 done += len(idx)
                 progress(Progress("predict", done, len(rows)))
