@@ -184,12 +184,13 @@ class MlflowConfig(_Section):
 
 
 class NimConfig(BaseModel):
-    """One candidate student (upstream calls them NIMs). Unknown upstream keys are kept."""
+    """One candidate student (upstream calls them NIMs). Strict: a misspelt key is an error
+    naming it; upstream's deployment keys (``tag``, ``gpus``, ...) are accepted as they are."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     model_name: str
-    kind: Literal["auto", "causal_lm", "encoder"] = "auto"
+    kind: str = Field("auto", description="a registered student kind, or auto (detected)")
     context_length: int = 8192
     customization_enabled: bool = True
     customizer_configs: dict[str, Any] = Field(default_factory=dict)
@@ -202,6 +203,24 @@ class NimConfig(BaseModel):
     lora_config: dict[str, Any] = Field(
         default_factory=dict, description="per-candidate overrides of lora_config"
     )
+    # upstream's NIM deployment keys: kept for a NIM-deploying backend, unused locally
+    tag: str | None = None
+    gpus: int | None = None
+    pvc_size: str | None = None
+    registry_base: str | None = None
+    model_type: Literal["llm", "embedding"] | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from findistil.students import student_kinds
+
+        if value != "auto" and value not in student_kinds():
+            raise ValueError(
+                f"unknown student kind {value!r}: use auto or a registered kind "
+                f"({', '.join(student_kinds())}; register_student_kind adds one)"
+            )
+        return value
 
 
 class CandidateConfig(BaseModel):

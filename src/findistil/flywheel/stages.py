@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 
 from findistil.artifacts import ArtifactStore, job_key, staged_dir
 from findistil.config import CandidateConfig, JobConfig, MlflowConfig, Settings
-from findistil.errors import Cancelled, FindistilError
+from findistil.errors import Cancelled, ConfigError, FindistilError
 from findistil.flywheel import leases
 from findistil.flywheel.db import (
     FlywheelDB,
@@ -48,7 +48,7 @@ from findistil.flywheel.db import (
 )
 from findistil.progress import Progress, ProgressFn, no_progress
 from findistil.recommend import CandidateResult, EvalResult, recommend
-from findistil.students import answers_untuned
+from findistil.students import LABEL_SCORES, answers_untuned, can
 from findistil.students.cache import StudentCache, shared_cache
 from findistil.tracking import (
     RunRecord,
@@ -401,6 +401,14 @@ def prepare(ctx: StageContext, job_id: str, candidate_id: int) -> list[str]:
     return plan
 
 
+def _check_scoring_mode(kind: str, mode: str) -> None:
+    if mode == "label_scores" and not can(kind, LABEL_SCORES):
+        raise ConfigError(
+            f"evaluation_config.scoring_mode label_scores: {kind} students cannot rank "
+            "candidate answers; use scoring_mode generate"
+        )
+
+
 def planned_stages(student, nim: CandidateConfig) -> list[str]:
     """Which stages a candidate runs. Zero-shot evals need a student that answers untuned
     (its kind says so): an encoder's head exists only after customization."""
@@ -460,6 +468,7 @@ def run_eval(ctx: StageContext, job_id: str, candidate_id: int, eval_type: str) 
         adapter = _trained_adapter(ctx, candidate_id) if eval_type == "customized-eval" else None
         eval_rows, train_rows, _ = datasets(ctx, job_id)
         with ctx.student(job_id, candidate_id, nim, adapter) as student:
+            _check_scoring_mode(student.kind, config.evaluation_config.scoring_mode)
             result = evaluate(
                 student,
                 eval_rows,

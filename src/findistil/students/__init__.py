@@ -1,7 +1,8 @@
 """Students: the small models the flywheel distils into.
 
 ``load_student(model_id)`` resolves weights (``registry``) and builds the right kind. Kinds
-register here with ``register_student_kind``; the built-ins are ``causal_lm`` (LoRA on a
+register here with ``register_student_kind`` (name, loader, detector, capabilities; nothing
+else in findistil names a kind); the built-ins are ``causal_lm`` (LoRA on a
 chat LLM, ``students/causal.py``) and ``encoder`` (classification head on a sentence encoder,
 ``students/encoder.py``). Heavy imports happen only when a kind is used.
 """
@@ -21,7 +22,9 @@ __all__ = [
     "Prediction",
     "Student",
     "TrainResult",
+    "StudentKind",
     "answers_untuned",
+    "can",
     "load_student",
     "resolve_kind",
     "register_student_kind",
@@ -29,28 +32,69 @@ __all__ = [
 ]
 
 
+# What a kind can do; stages and serving ask these, never a kind's name.
+ANSWERS_UNTUNED = "answers_untuned"  # answers before training (base / ICL evals, serving)
+LABEL_SCORES = "label_scores"  # ranks candidate answers (evaluation_config.scoring_mode)
+CAPABILITIES = frozenset({ANSWERS_UNTUNED, LABEL_SCORES})
+
+Factory = Callable[[str, Path, Settings], Student]
+
+
 @dataclass(frozen=True)
 class StudentKind:
+    """One way to build a student: its name in ``nims[].kind``, how to load it, which
+    models it takes (``detect``, for ``kind: auto``), and what it can do."""
+
     name: str
-    factory: str  # "module:callable" taking (model_id, weights_dir, settings) -> Student
+    factory: str | Factory  # "module:callable" (imported on first use) or the callable
     detect: Callable[[dict], bool]  # given a model's config.json, is it this kind?
-    answers_untuned: bool = True  # can it answer before training (base / ICL evals, serving)?
+    capabilities: frozenset[str] = CAPABILITIES
+
+    def load(self, model_id: str, weights: Path, settings: Settings) -> Student:
+        factory = self.factory
+        if isinstance(factory, str):
+            factory = _resolve_factory(factory)
+        return factory(model_id, weights, settings)
 
 
 _KINDS: dict[str, StudentKind] = {}
 
 
+def _never(config: dict) -> bool:
+    return False
+
+
 def register_student_kind(
-    name: str, factory: str, detect: Callable[[dict], bool], *, answers_untuned: bool = True
-) -> None:
-    """Make a student kind available to ``load_student`` and to config ``nims[].kind``."""
-    _KINDS[name] = StudentKind(name, factory, detect, answers_untuned)
+    name: str,
+    factory: str | Factory,
+    detect: Callable[[dict], bool] = _never,
+    *,
+    capabilities: frozenset[str] | set[str] = CAPABILITIES,
+) -> StudentKind:
+    """Make a student kind available to ``load_student`` and to config ``nims[].kind``.
+
+    Example: ``register_student_kind("keywords", KeywordStudent.load, capabilities=set())``
+    (a kind without ``answers_untuned`` skips the base and ICL evals).
+    """
+    unknown = set(capabilities) - CAPABILITIES
+    if unknown or not name or name == "auto":
+        raise ConfigError(
+            f"student kind {name!r}: capabilities must be among {sorted(CAPABILITIES)} "
+            f"(got {sorted(unknown)}), and the name neither empty nor 'auto'"
+        )
+    _KINDS[name] = StudentKind(name, factory, detect, frozenset(capabilities))
+    return _KINDS[name]
+
+
+def can(kind: str, capability: str) -> bool:
+    """Whether students of ``kind`` have ``capability`` (unknown kinds: assume they do)."""
+    entry = _KINDS.get(kind)
+    return capability in entry.capabilities if entry is not None else True
 
 
 def answers_untuned(kind: str) -> bool:
-    """Whether students of ``kind`` answer before training (unknown kinds: assume so)."""
-    entry = _KINDS.get(kind)
-    return entry.answers_untuned if entry is not None else True
+    """Whether students of ``kind`` answer before training."""
+    return can(kind, ANSWERS_UNTUNED)
 
 
 def student_kinds() -> list[str]:
@@ -73,7 +117,7 @@ register_student_kind(
         cfg.get("model_type") in {"bert", "roberta", "distilbert", "mpnet", "xlm-roberta"}
         and not any(a.endswith("ForCausalLM") for a in _architectures(cfg))
     ),
-    answers_untuned=False,  # its classification head only exists after training
+    capabilities={LABEL_SCORES},  # its classification head only exists after training
 )
 
 
@@ -117,4 +161,4 @@ def load_student(model_id: str, kind: str = "auto", settings: Settings | None = 
     settings = settings or load_settings()
     kind = resolve_kind(model_id, kind, settings)
     weights: Path = resolve_model(model_id, settings)
-    return _resolve_factory(_KINDS[kind].factory)(model_id, weights, settings)
+    return _KINDS[kind].load(model_id, weights, settings)
