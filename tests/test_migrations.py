@@ -33,7 +33,7 @@ def url(request, tmp_path):
 
 
 def _live_tables():
-    return list(fwdb.metadata.sorted_tables) + [logstore.log_records]
+    return list(fwdb.metadata.sorted_tables) + list(logstore.metadata.sorted_tables)
 
 
 def test_empty_database_gets_exactly_the_live_schema(url):
@@ -46,7 +46,7 @@ def test_empty_database_gets_exactly_the_live_schema(url):
         for column in table.columns:
             assert reflected[column.name]["nullable"] == column.nullable, (table, column.name)
     assert schema_version(db.engine, migrations.VERSION_TABLE) == fwdb.SCHEMA_VERSION == 3
-    assert schema_version(db.engine, logstore.VERSION_TABLE) == 1
+    assert schema_version(db.engine, logstore.VERSION_TABLE) == max(logstore.MIGRATIONS) == 2
     uniques = {i["name"] for i in insp.get_indexes("fw_evaluations") if i["unique"]}
     uniques |= {u["name"] for u in insp.get_unique_constraints("fw_evaluations")}
     assert "ux_fw_evaluations_candidate_type" in uniques
@@ -118,7 +118,8 @@ def test_previous_release_is_migrated_keeping_rows_and_keying_paths(url):
     db = FlywheelDB(url, engine=engine)
     store = logstore.LogStore(url, engine=engine)
     assert store.count("w", "c") == 1  # the unversioned log table was adopted, not recreated
-    assert schema_version(engine, logstore.VERSION_TABLE) == 1
+    assert schema_version(engine, logstore.VERSION_TABLE) == 2  # and the cursors added
+    assert store.cursor("es|any") is None
     with db.begin() as conn:
         job = conn.execute(select(fwdb.jobs)).one()
         evals = conn.execute(select(fwdb.evaluations)).all()

@@ -108,7 +108,6 @@ def load(
     config: ConfigOption = None,
 ) -> None:
     """Load logged LLM calls into the log store (exit code 2 when lines were rejected)."""
-    from rich.table import Table
 
     from findistil.loaders import load_demo, load_file
     from findistil.logstore import open_logstore
@@ -129,10 +128,18 @@ def load(
                 progress=progress, max_record_bytes=settings.max_record_bytes,
                 redact_pii=redact,
             )  # fmt: skip
+    _print_load_report(report, "lines", replace=replace, redact=redact and not demo)
+
+
+def _print_load_report(report, unit: str, *, replace: bool = False, redact: bool = False):
+    """The rejections (first 20), the records per workload/client and the counts; exit 2
+    when anything was rejected."""
+    from rich.table import Table
+
     for line in report.errors[:20]:
         err_console.print(f"[yellow]rejected[/yellow] {line}", markup=True, highlight=False)
     if report.rejected > len(report.errors[:20]):
-        err_console.print(f"... {report.rejected - 20} more rejected lines")
+        err_console.print(f"... {report.rejected - 20} more rejected")
     table = Table(title=f"load ({report.source_format or 'empty file'})")
     for col in ("workload_id", "client_id", "loaded"):
         table.add_column(col)
@@ -140,15 +147,48 @@ def load(
         table.add_row(w, c, str(n))
     console.print(table)
     console.print(
-        f"lines {report.lines}: loaded {report.loaded}, rejected {report.rejected}"
+        f"{unit} {report.lines}: loaded {report.loaded}, rejected {report.rejected}"
         + (f", blank {report.blank}" if report.blank else "")
         + (f", replaced {report.replaced} old records" if replace else "")
     )
-    if redact and not demo:
+    if redact:
         found = ", ".join(f"{k} {n}" for k, n in sorted(report.redacted.items())) or "none found"
         console.print(f"redacted: {found}")
     if report.rejected:
         raise typer.Exit(2)
+
+
+@logs_app.command("import-es")
+def import_es_command(
+    url: Annotated[
+        str | None, typer.Option(help="Elasticsearch URL [env ELASTICSEARCH_URL, localhost:9200]")
+    ] = None,
+    index: Annotated[
+        str | None, typer.Option(help="index to read [env ES_COLLECTION_NAME, flywheel]")
+    ] = None,
+    workload_id: Annotated[str | None, typer.Option(help="only this workload")] = None,
+    client_id: Annotated[str | None, typer.Option(help="only this client")] = None,
+    page_size: Annotated[int, typer.Option(min=1, max=10_000, help="documents per page")] = 1000,
+    redact_pii: Annotated[
+        bool | None,
+        typer.Option("--redact-pii/--no-redact-pii", help="[config redact_pii]"),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Copy upstream's Elasticsearch log index into the log store; a rerun resumes after
+    the last page committed (exit code 2 when documents were rejected)."""
+    from findistil.elastic import import_es, source_from_env
+    from findistil.logstore import open_logstore
+
+    settings = get_settings(config)
+    redact = settings.redact_pii if redact_pii is None else redact_pii
+    source = source_from_env(url, index, workload_id, client_id)
+    with open_logstore(settings) as store, progress_bars() as progress:
+        report = import_es(
+            store, source, page_size=page_size, max_record_bytes=settings.max_record_bytes,
+            redact_pii=redact, progress=progress,
+        )  # fmt: skip
+    _print_load_report(report, f"documents from {source.url}/{source.index}", redact=redact)
 
 
 @logs_app.command("curate")

@@ -24,7 +24,7 @@ import json
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from findistil import taxonomy
 from findistil.errors import DataError
-from findistil.logstore import LogStore
+from findistil.logstore import LogStore, LogWriter
 from findistil.progress import Progress, ProgressFn, no_progress
 from findistil.records import LogRecord
 from findistil.redact import redact_record
@@ -377,7 +377,8 @@ def load_file(
     total = _count_lines(path)
     reader = _csv_records if path.suffix.lower() == ".csv" else _jsonl_records
     items = reader(path, workload_id, client_id, report, max_record_bytes)
-    last = _store_items(items, store, report, replace, redact_pii, progress, total, f"{path}:")
+    at_line = lambda lineno: f"{path}:{lineno}"  # noqa: E731
+    last = _store_items(items, store, report, replace, redact_pii, progress, total, at_line)
     progress(Progress("load", max(last, total), max(last, total), _info(report)))
     return report
 
@@ -390,17 +391,19 @@ def _store_items(
     redact_pii: bool,
     progress: ProgressFn,
     total: int,
-    where: str,
+    where: Callable[[int], str],
+    finish: Callable[[LogWriter], None] | None = None,
 ) -> int:
     """Write each record of ``items`` (position, record | rejection | None for blank) in one
-    transaction, counting every item in ``report``; returns the last position seen."""
+    transaction, counting every item in ``report``; ``where(position)`` names a rejected
+    item; ``finish(writer)`` runs last in the transaction. Returns the last position seen."""
     position = 0
     with store.writer(replace=replace) as writer:
         for position, item in items:
             if item is None:
                 report.blank += 1
             elif isinstance(item, _Rejected):
-                report.reject(f"{where}{position}", str(item))
+                report.reject(where(position), str(item))
             else:
                 if redact_pii:
                     report.redacted.update(redact_record(item))
@@ -411,6 +414,8 @@ def _store_items(
             if report.lines % PROGRESS_EVERY == 0:
                 progress(Progress("load", position, total, _info(report)))
         report.replaced = writer.deleted
+        if finish is not None:
+            finish(writer)
     return position
 
 
@@ -422,13 +427,22 @@ def load_objects(
     client_id: str | None = None,
     max_record_bytes: int = MAX_RECORD_BYTES,
     redact_pii: bool = False,
+    names: Sequence[str] | None = None,
+    report: LoadReport | None = None,
+    finish: Callable[[LogWriter], None] | None = None,
 ) -> LoadReport:
-    """Store a batch of parsed JSON values (``POST /api/logs``), each a log record or a
-    conversation, with the file loader's checks; a rejection's place is the value's index.
+    """Store a batch of parsed JSON values (``POST /api/logs``, an Elasticsearch page), each
+    a log record or a conversation, with the file loader's checks, in one transaction.
+
+    Args:
+        names: what a rejection is called (default: the value's index in ``objects``).
+        report: counts add up into this one (default: a new report).
+        finish: runs last inside the transaction (an import writes its cursor there).
 
     Example: ``load_objects([record], store).loaded == 1``.
     """
-    report = LoadReport()
+    report = report if report is not None else LoadReport()
+    where = (lambda i: names[i]) if names is not None else str
 
     def items() -> Iterator[tuple[int, dict[str, Any] | _Rejected]]:
         for index, obj in enumerate(objects):
@@ -437,7 +451,8 @@ def load_objects(
             except _Rejected as exc:
                 yield index, exc
 
-    _store_items(items(), store, report, False, redact_pii, no_progress, len(objects), "")
+    total = len(objects)
+    _store_items(items(), store, report, False, redact_pii, no_progress, total, where, finish)
     return report
 
 

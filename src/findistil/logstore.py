@@ -48,6 +48,16 @@ log_records = sa.Table(
     sa.Index("ix_log_records_workload_client_ts", "workload_id", "client_id", "timestamp"),
 )
 
+# Where an import from another log store (Elasticsearch) got to, written in the same
+# transaction as the records of each page, so a rerun resumes without a gap or a duplicate.
+import_cursors = sa.Table(
+    "log_import_cursors",
+    metadata,
+    sa.Column("source", sa.String(512), primary_key=True),
+    sa.Column("position", sa.JSON, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+)
+
 VERSION_TABLE = "log_schema_version"
 
 
@@ -69,8 +79,21 @@ def _log_v1(conn: Connection) -> None:
     md.create_all(conn, checkfirst=True)
 
 
-# Numbered, frozen migrations of the log table (see findistil.database); append, never edit.
-MIGRATIONS = {1: _log_v1}
+def _log_v2(conn: Connection) -> None:
+    """Import cursors (``findistil logs import-es``)."""
+    md = sa.MetaData()
+    sa.Table(
+        "log_import_cursors",
+        md,
+        sa.Column("source", sa.String(512), primary_key=True),
+        sa.Column("position", sa.JSON, nullable=False),
+        sa.Column("updated_at", sa.BigInteger, nullable=False),
+    )
+    md.create_all(conn, checkfirst=True)
+
+
+# Numbered, frozen migrations of the log tables (see findistil.database); append, never edit.
+MIGRATIONS = {1: _log_v1, 2: _log_v2}
 
 _CORE_KEYS = ("workload_id", "client_id", "timestamp", "request", "response")
 
@@ -141,6 +164,14 @@ class LogWriter:
             self.written += len(self._batch)
             self._batch = []
 
+    def set_cursor(self, source: str, position: dict[str, Any]) -> None:
+        """Record how far an import from ``source`` got, committed with these records."""
+        self.flush()
+        where = import_cursors.c.source == source
+        self._conn.execute(import_cursors.delete().where(where))
+        row = {"source": source, "position": position, "updated_at": int(time.time())}
+        self._conn.execute(import_cursors.insert().values(**row))
+
 
 def _delete(conn: Connection, workload_id: str, client_id: str | None) -> int:
     stmt = log_records.delete().where(log_records.c.workload_id == workload_id)
@@ -210,6 +241,12 @@ class LogStore:
             result = conn.execution_options(stream_results=True, yield_per=BATCH_SIZE).execute(stmt)
             for row in result:
                 yield _record(row)
+
+    def cursor(self, source: str) -> dict[str, Any] | None:
+        """The position an import from ``source`` last committed, or None."""
+        stmt = sa.select(import_cursors.c.position).where(import_cursors.c.source == source)
+        with self.engine.connect() as conn:
+            return conn.execute(stmt).scalar()
 
     def workloads(self) -> list[tuple[str, str, int]]:
         """Every (workload_id, client_id, record count), sorted by ids."""
