@@ -194,8 +194,8 @@ def test_similarity_config_shows_other_classes_beside_the_nearest(train_rows):
     covered = ICLConfig(**{**near.model_dump(), "similarity_config": {"relevance_ratio": 0.5}})
     (nearest,) = build_icl_prompts(convs, rows, near, embed=embed)
     (mixed,) = build_icl_prompts(convs, rows, covered, embed=embed)
-    assert {example_class(rows[i]) for i in nearest.example_ids} == {"Dividends"}
-    assert [example_class(rows[i]) for i in mixed.example_ids] == ["Dividends", "Product Approval"]
+    assert {example_class(rows[i]) for i in nearest.example_ids} == {"dividends"}
+    assert [example_class(rows[i]) for i in mixed.example_ids] == ["dividends", "product approval"]
 
 
 def test_bad_train_rows_are_reported():

@@ -157,7 +157,10 @@ class ICLConfig(_Section):
 class EvaluationConfig(_Section):
     """Evaluation settings (upstream ``evaluation_config`` plus generation knobs)."""
 
-    workload_type: Literal["classification", "tool_calling", "auto"] = "auto"
+    workload_type: Literal["classification", "tool_calling", "chat", "auto"] = "auto"
+    labels: list[str] | None = Field(
+        None, description="classification label set (default: the financial 13, or discovered)"
+    )
     tool_eval_type: str = "tool-calling-metric"
     scoring_mode: Literal["generate", "label_scores"] = Field(
         "generate", description="free generation (upstream-faithful) or rank the 13 labels"

@@ -26,7 +26,6 @@ import copy
 import hashlib
 import json
 import random
-import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,16 +36,15 @@ from findistil.artifacts import write_files_atomically
 from findistil.config import DataSplitConfig
 from findistil.errors import ConfigError, DataError
 from findistil.progress import Progress, ProgressFn, no_progress
-from findistil.records import answer_text, format_problem, to_training_row, user_contents
+from findistil.records import format_problem, to_training_row, user_contents
 from findistil.redact import placeholder_counts
+from findistil.workloads import resolve_workload, stratum_of
 
 CLASSIFICATION = "classification"
 TOOL_CALLING = "tool_calling"
 OTHERS = "others"  # stratum of the rare classes
 UNKNOWN = "unknown"  # class of an answer without [[...]]
 MANIFEST_FORMAT = "findistil-curated/1"
-
-_FIRST_BRACKETED = re.compile(r"\[+([^\[\]]*)\]+")
 
 
 @dataclass
@@ -78,15 +76,10 @@ def detect_workload_type(records: Sequence[dict[str, Any]]) -> str:
 
 
 def class_of(record: dict[str, Any], workload_type: str = CLASSIFICATION) -> str:
-    """A record's class: the first ``[[...]]`` of the answer, lower-cased (tool calling: the
-    first tool's name); ``unknown`` when there is none."""
-    if workload_type == TOOL_CALLING:
-        calls = record["response"]["choices"][0]["message"].get("tool_calls") or []
-        name = calls[0].get("function", {}).get("name") if calls else None
-        return str(name) if name else UNKNOWN
-    match = _FIRST_BRACKETED.search(answer_text(record))
-    label = match.group(1).strip().lower() if match else ""
-    return label or UNKNOWN
+    """A record's class as its workload reads it (``workloads``): the label of the answer,
+    lower-cased, with the label set's variants folded together (tool calling: the first
+    tool's name); ``unknown`` when there is none."""
+    return stratum_of(record, resolve_workload(workload_type, [record]))
 
 
 def _tool_record(record: dict[str, Any], parse_arguments: bool) -> dict[str, Any] | None:
@@ -252,7 +245,8 @@ def curate_records(
     selected = _select(unique, split, counts)
     progress(Progress("curate", 5, _STEPS, dict(counts)))
 
-    labels = [class_of(r, workload_type) for r in selected]
+    workload = resolve_workload(workload_type, selected)  # the label set of all answers
+    labels = [stratum_of(r, workload) for r in selected]
     eval_ix, train_ix, val_ix = split_indices(labels, split)
     eval_rows = [selected[i] for i in eval_ix]
     train_rows = [to_training_row(selected[i]) for i in train_ix]

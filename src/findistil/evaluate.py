@@ -44,7 +44,7 @@ from findistil.errors import Cancelled, DataError
 from findistil.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
 from findistil.records import answer_text
 from findistil.students.base import Prediction, Student
-from findistil.taxonomy import LABELS, format_answer, parse_label
+from findistil.workloads import ClassificationWorkload, Workload, resolve_workload
 
 EVAL_TYPES = ("base-eval", "icl-eval", "customized-eval")
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -80,24 +80,13 @@ def _conversations(eval_rows: Sequence[dict[str, Any]]) -> tuple[list[list[dict]
     return conversations, references
 
 
-def _is_classification(eval_rows, references: list[str], workload_type: str) -> bool:
-    """Whether label metrics make sense: configured, or (auto) no tools and mostly labels."""
-    if workload_type != "auto":
-        return workload_type == "classification"
-    for row in eval_rows:
-        if row["request"].get("tools") or row["response"]["choices"][0]["message"].get(
-            "tool_calls"
-        ):
-            return False
-    parsed = sum(parse_label(r).parseable for r in references)
-    return parsed >= 0.5 * len(references)
-
-
 def candidate_answers(
-    train_rows: Sequence[dict[str, Any]] | None, labels: Sequence[str] | None = None
+    train_rows: Sequence[dict[str, Any]] | None,
+    labels: Sequence[str] | None = None,
+    workload: Workload | None = None,
 ) -> list[str]:
     """The answers ``label_scores`` ranks: ``labels`` if given, else the distinct teacher
-    answers in ``train_rows`` (sorted), else ``[[label]]`` for every taxonomy class."""
+    answers in ``train_rows`` (sorted), else the workload's (the 13 financial classes)."""
     if labels:
         return list(dict.fromkeys(labels))
     answers = sorted(
@@ -108,7 +97,8 @@ def candidate_answers(
         }
         - {""}
     )
-    return answers or [format_answer(label) for label in LABELS]
+    workload = workload or ClassificationWorkload.financial()
+    return answers or workload.candidate_answers()
 
 
 def _token_counter(student: Student):
@@ -160,11 +150,11 @@ def evaluate(
     if not eval_rows:
         raise DataError("no eval rows to evaluate: curate a dataset with eval_size >= 1 first")
     conversations, references = _conversations(eval_rows)
-    classification = _is_classification(eval_rows, references, eval_config.workload_type)
+    workload = resolve_workload(eval_config.workload_type, eval_rows, eval_config.labels)
     mode = eval_config.scoring_mode
-    answers = candidate_answers(train_rows, labels) if mode == "label_scores" else None
+    answers = candidate_answers(train_rows, labels, workload) if mode == "label_scores" else None
     example_ids: list[list[int]] | None = None
-    report: dict[str, Any] = {"classification": classification, "scoring_mode": mode}
+    report: dict[str, Any] = {"workload": workload.name, "scoring_mode": mode}
     if eval_type == "icl-eval":
         icl_config = icl_config or ICLConfig()
         conversations, example_ids, report["icl"] = _with_examples(
@@ -180,12 +170,10 @@ def evaluate(
     wall = time.perf_counter() - started
     outputs = [p.text or "" for p in predictions]
     scores, report["counts"] = _scores(predictions, outputs, references, wall)
-    if classification:
-        cls = metrics.classification_scores(*_labels(outputs, references))
-        for key in ("accuracy", "macro_f1", "weighted_f1", "unparseable_rate"):
-            scores[key] = cls[key]
-        report.update(per_class=cls["per_class"], confusion=cls["confusion"])
-    lines = _prediction_lines(eval_rows, predictions, references, classification, example_ids)
+    extra, details, row_fields = workload.score(outputs, references)
+    scores.update(extra)
+    report.update(details)
+    lines = _prediction_lines(eval_rows, predictions, references, row_fields, example_ids)
     card = {
         "eval_type": eval_type,
         "model_id": getattr(student, "model_id", None),
@@ -286,24 +274,15 @@ def _scores(
     return scores, counts
 
 
-def _labels(outputs: list[str], references: list[str]):
-    """(predicted labels, reference labels, parseable flags) for the classification report."""
-    parsed = [parse_label(o) for o in outputs]
-    return (
-        [p.label for p in parsed],
-        [parse_label(r).label for r in references],
-        [p.parseable for p in parsed],
-    )
-
-
 def _prediction_lines(
     eval_rows: Sequence[dict[str, Any]],
     predictions: list[Prediction],
     references: list[str],
-    classification: bool,
+    row_fields: list[dict[str, Any]],
     example_ids: list[list[int]] | None,
 ) -> list[str]:
-    """One JSON line per eval row: its answer, the reference, token F1 and usage."""
+    """One JSON line per eval row: its answer, the reference, token F1, usage and what the
+    workload read from it (``row_fields``: parsed label, called functions, ...)."""
     lines = []
     for i, (row, pred) in enumerate(zip(eval_rows, predictions, strict=True)):
         output = pred.text or ""
@@ -317,13 +296,7 @@ def _prediction_lines(
             "prompt_tokens": pred.prompt_tokens,
             "completion_tokens": pred.completion_tokens,
         }
-        if classification:
-            parsed, ref_label = parse_label(output), parse_label(references[i]).label
-            line.update(
-                parsed_label=parsed.label if parsed.parseable else None,
-                reference_label=ref_label,
-                correct=parsed.parseable and parsed.label == ref_label,
-            )
+        line.update(row_fields[i])
         if example_ids is not None:
             line["icl_example_ids"] = example_ids[i]
         if pred.label_scores is not None:

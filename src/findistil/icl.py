@@ -35,8 +35,9 @@ import numpy as np
 
 from findistil.config import ICLConfig, Settings
 from findistil.errors import DataError
+from findistil.records import message_text
 from findistil.students.pruning import PruningRule
-from findistil.taxonomy import parse_label
+from findistil.workloads import Workload, resolve_workload, stratum_of
 
 Conversation = list[dict[str, Any]]
 TokenCounter = Callable[[str], int]
@@ -80,12 +81,7 @@ def _last_user_text(messages: Sequence[dict[str, Any]]) -> str:
 
 
 def _answer_text(row: dict[str, Any]) -> str:
-    answer = row["messages"][-1]
-    if answer.get("content"):
-        return str(answer["content"]).strip()
-    if answer.get("tool_calls"):
-        return json.dumps(answer["tool_calls"])
-    return ""
+    return message_text(row["messages"][-1]).strip()
 
 
 def _check_train_rows(train_rows: Sequence[dict[str, Any]]) -> None:
@@ -100,14 +96,18 @@ def _check_train_rows(train_rows: Sequence[dict[str, Any]]) -> None:
             )
 
 
-def example_class(row: dict[str, Any]) -> str:
-    """The class a train row's answer belongs to (taxonomy label), or ``unknown``."""
-    parsed = parse_label(_answer_text(row))
-    return parsed.label if parsed.parseable else "unknown"
+def example_class(row: dict[str, Any], workload: Workload | None = None) -> str:
+    """The class a train row's answer belongs to under ``workload`` (default: the one its
+    own answer implies), or ``unknown``."""
+    return stratum_of(row, workload or resolve_workload("auto", [row]))
 
 
 def uniform_order(
-    train_rows: Sequence[dict[str, Any]], *, rule: PruningRule | None = None, seed: int = 42
+    train_rows: Sequence[dict[str, Any]],
+    *,
+    rule: PruningRule | None = None,
+    seed: int = 42,
+    workload: Workload | None = None,
 ) -> list[int]:
     """All train row indices in ``uniform`` order: round-robin over classes, shortest first.
 
@@ -116,11 +116,12 @@ def uniform_order(
     Example: classes A (2 rows), B (1 row) -> ``[A_shortest, B, A_second]``.
     """
     rule = rule or PruningRule.identity()
+    workload = workload or resolve_workload("auto", train_rows)
     rng = random.Random(seed)
     by_class: dict[str, list[tuple[int, float, int]]] = defaultdict(list)
     for i, row in enumerate(train_rows):
         shown = rule.variable_part(_last_user_text(row["messages"][:-1])) + _answer_text(row)
-        by_class[example_class(row)].append((len(shown), rng.random(), i))
+        by_class[example_class(row, workload)].append((len(shown), rng.random(), i))
     counts = Counter({c: len(v) for c, v in by_class.items()})
     tiebreak = {c: rng.random() for c in sorted(by_class)}
     classes = sorted(by_class, key=lambda c: (-counts[c], tiebreak[c]))
@@ -270,8 +271,10 @@ def build_icl_prompts(
             for c in conversations
         ]
 
+    workload = resolve_workload("auto", train_rows)  # whose classes coverage spreads over
     if icl_config.example_selection == "uniform":
-        order = uniform_order(train_rows, rule=rule, seed=seed)[: k * _NEIGHBOUR_SPARES]
+        order = uniform_order(train_rows, rule=rule, seed=seed, workload=workload)
+        order = order[: k * _NEIGHBOUR_SPARES]
         candidates = [order] * len(conversations)
     else:
         queries = [rule.variable_part(_last_user_text(c)) for c in conversations]
@@ -287,7 +290,7 @@ def build_icl_prompts(
             exclude=[where.get(q, []) for q in queries],
         )
         if icl_config.relevance_ratio < 1.0:
-            classes = [example_class(r) for r in train_rows]
+            classes = [example_class(r, workload) for r in train_rows]
             ratio = icl_config.relevance_ratio
             candidates = [relevance_coverage(c, classes, k, ratio) for c in candidates]
     return [

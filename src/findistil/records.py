@@ -7,6 +7,8 @@ format filter (REFERENCE §2 step 2); it returns the reason a record is unusable
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from typing import Any, Literal
 
@@ -111,9 +113,33 @@ def user_contents(record: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
+def message_text(message: dict[str, Any]) -> str:
+    """An assistant message as text: its content, or, when it only calls tools, each call
+    as a ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` line (what a student
+    learns to write and evaluation reads back)."""
+    content = message.get("content")
+    if isinstance(content, str) and content.strip():
+        return content
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list) or not calls:
+        return content if isinstance(content, str) else ""
+    lines = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            continue
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            with contextlib.suppress(json.JSONDecodeError):
+                args = json.loads(args)
+        body = json.dumps({"name": fn.get("name"), "arguments": args}, sort_keys=True)
+        lines.append(f"<tool_call>{body}</tool_call>")
+    return "\n".join(lines)
+
+
 def answer_text(record: dict[str, Any]) -> str:
-    """The teacher's answer text (first choice), '' when it only called tools."""
-    return record["response"]["choices"][0]["message"].get("content") or ""
+    """The teacher's answer (first choice) as text: ``message_text`` of its message."""
+    return message_text(record["response"]["choices"][0]["message"])
 
 
 def to_training_row(record: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from findistil.artifacts import staged_dir
 from findistil.config import LoraConfig, TrainingConfig
 from findistil.errors import Cancelled, DataError
 from findistil.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
+from findistil.records import message_text
 from findistil.students.base import MODEL_LOAD_LOCK, TrainResult
 from findistil.students.pruning import PruningRule
 
@@ -109,8 +110,9 @@ def encode_row(tokenizer, prompt: list[dict], answer: dict, max_len: int) -> Exa
     model must produce after that prompt. The answer ends at the chat template's end token.
     """
     prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    target = message_text(answer)  # the content, or the tool calls written out
     full_text = tokenizer.apply_chat_template(
-        prompt + [{"role": "assistant", "content": answer["content"]}], tokenize=False
+        prompt + [{"role": "assistant", "content": target}], tokenize=False
     )
     eos = tokenizer.eos_token or ""
     if full_text.startswith(prompt_text):
@@ -118,7 +120,7 @@ def encode_row(tokenizer, prompt: list[dict], answer: dict, max_len: int) -> Exa
         if eos and eos in answer_text:
             answer_text = answer_text[: answer_text.index(eos) + len(eos)]
     else:  # a template that renders history differently: fall back to content + end token
-        answer_text = answer["content"] + eos
+        answer_text = target + eos
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
     answer_ids = answer_ids[:max_len]
