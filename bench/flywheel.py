@@ -109,6 +109,7 @@ def score_students_on_gold(settings, job: dict, gold_rows: list[dict]) -> dict:
         results[nim_cfg.model_name] = {
             "accuracy": scores["accuracy"],
             "macro_f1": scores["macro_f1"],
+            "intervals": scores.get("intervals"),  # 95% bootstrap [lo, hi]
             "s_per_row": seconds / len(gold_rows),
         }
     return results
@@ -208,7 +209,11 @@ def summarise_nim(nim: dict, gold_scores: dict) -> dict:
         evals[ev["eval_type"]] = {
             k: s.get(k)
             for k in ("f1_score", "accuracy", "macro_f1", "rows_per_s", "mean_latency_s")
-        } | {"runtime_s": ev.get("runtime_seconds"), "error": ev.get("error")}
+        } | {
+            "intervals": ev.get("intervals"),  # 95% bootstrap [lo, hi] of accuracy, macro-F1
+            "runtime_s": ev.get("runtime_seconds"),
+            "error": ev.get("error"),
+        }
     cust = (nim.get("customizations") or [{}])[0]
     return {
         "model": nim["model_name"],
@@ -227,6 +232,13 @@ def _f(v, fmt=".3f") -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _ci(scores: dict, key: str) -> str:
+    """``0.820 [0.77, 0.87]``: the score and its 95% bootstrap interval when there is one."""
+    value = _f(scores.get(key))
+    interval = (scores.get("intervals") or {}).get(key)
+    return f"{value} [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else value
+
+
 def print_table(results: list[dict], teacher_row: dict | None) -> None:
     lines = [
         "| records | student | eval | f1_score | accuracy | macro-F1 | rows/s | "
@@ -237,10 +249,10 @@ def print_table(results: list[dict], teacher_row: dict | None) -> None:
         for nim in size["nims"]:
             for name, ev in nim["evals"].items():
                 gold = nim["gold"] if name == "customized-eval" else None
-                people = f"{_f(gold['accuracy'])} / {_f(gold['macro_f1'])}" if gold else ""
+                people = f"{_ci(gold, 'accuracy')} / {_ci(gold, 'macro_f1')}" if gold else ""
                 lines.append(
                     f"| {size['records']} | {Path(nim['model']).name} | {name} | "
-                    f"{_f(ev['f1_score'])} | {_f(ev['accuracy'])} | {_f(ev['macro_f1'])} | "
+                    f"{_f(ev['f1_score'])} | {_ci(ev, 'accuracy')} | {_ci(ev, 'macro_f1')} | "
                     f"{_f(ev['rows_per_s'], '.1f')} | {people} | "
                     f"{_f(nim['training_s'], '.0f') if name == 'customized-eval' else ''} |"
                 )

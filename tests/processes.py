@@ -3,6 +3,7 @@ subprocesses with their own ``FINDISTIL_HOME``, logs captured to files, killed a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ class Proc:
             cwd=cwd,
             stdout=self._out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() takes its children too
         )
 
     @property
@@ -47,7 +49,9 @@ class Proc:
             return None
 
     def stop(self) -> None:
-        self.signal(signal.SIGKILL)
+        """Kill it and everything it started (``mlflow server`` leaves workers behind)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
         self.wait(30)
         self._out.close()
 

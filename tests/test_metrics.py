@@ -115,3 +115,36 @@ def test_classification_scores_edge_cases():
         classification_scores(["Earnings"], ["Earning"], [True])
     with pytest.raises(ValueError, match="one of each per row"):
         classification_scores(["Earnings"], ["Earnings"], [])
+
+
+def test_bootstrap_intervals_match_resampled_sklearn_scores_and_hold_the_estimate():
+    import numpy as np
+
+    from findistil.metrics import UNPARSEABLE, bootstrap_intervals, classification_scores
+
+    rng = np.random.default_rng(3)
+    labels = ["a", "b", "c", "d"]
+    refs = [labels[i] for i in rng.integers(0, 4, 120)]
+    preds = [r if rng.random() < 0.7 else labels[rng.integers(0, 4)] for r in refs]
+    preds[:6] = [UNPARSEABLE] * 6
+    got = bootstrap_intervals(preds, refs, resamples=400, seed=5)
+    # the same draws scored one by one with the slow path
+    draws = np.random.default_rng(5).integers(0, 120, size=(400, 120))
+    slow = []
+    for d in draws:
+        p = [preds[i] for i in d]
+        s = classification_scores([x if x != UNPARSEABLE else "a" for x in p],
+                                  [refs[i] for i in d], [x != UNPARSEABLE for x in p],
+                                  labels=labels)  # fmt: skip
+        slow.append((s["accuracy"], s["macro_f1"]))
+    for k, name in enumerate(("accuracy", "macro_f1")):
+        values = [v[k] for v in slow]
+        assert got[name] == pytest.approx([np.percentile(values, 2.5), np.percentile(values, 97.5)])
+    point = classification_scores(
+        [x if x != UNPARSEABLE else "a" for x in preds], refs, [x != UNPARSEABLE for x in preds],
+        labels=labels,
+    )  # fmt: skip
+    assert got["accuracy"][0] < point["accuracy"] < got["accuracy"][1]
+    assert got["macro_f1"][0] < point["macro_f1"] < got["macro_f1"][1]
+    assert 0.1 < got["accuracy"][1] - got["accuracy"][0] < 0.25  # +-0.08 at n=120
+    assert bootstrap_intervals(preds, refs, seed=1) == bootstrap_intervals(preds, refs, seed=1)

@@ -172,3 +172,49 @@ def classification_scores(
         "per_class": per_class,
         "confusion": {"labels": labels, "columns": columns, "matrix": matrix.tolist()},
     }
+
+
+def bootstrap_intervals(
+    pred_labels: Sequence[str],
+    ref_labels: Sequence[str],
+    *,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of accuracy and macro-F1 over the eval rows.
+
+    Rows are drawn with replacement ``resamples`` times; each draw is scored as
+    ``classification_scores`` scores (macro-F1 over the classes present in the draw's
+    references or predictions; a prediction outside ``ref_labels``' classes, e.g.
+    ``UNPARSEABLE``, is wrong for every class). Vectorised: 1,000 draws of 100 rows take
+    milliseconds. A 100-row eval's accuracy interval is about +-0.09 wide at 0.8.
+
+    Example: ``bootstrap_intervals(["a", "b"], ["a", "a"])["accuracy"] == [0.0, 1.0]``.
+    """
+    n = len(ref_labels)
+    if n == 0 or len(pred_labels) != n:
+        raise ValueError(f"need one prediction per reference, got {len(pred_labels)} and {n}")
+    classes = sorted(set(ref_labels) | set(pred_labels))
+    code = {c: i for i, c in enumerate(classes)}
+    pred = np.array([code[p] for p in pred_labels])
+    ref = np.array([code[r] for r in ref_labels])
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    p, r = pred[draws], ref[draws]
+    accuracy = (p == r).mean(axis=1)
+    f1_sum = np.zeros(resamples)
+    present = np.zeros(resamples)
+    scored = [code[c] for c in classes if c != UNPARSEABLE]
+    for c in scored:
+        tp = ((p == c) & (r == c)).sum(axis=1)
+        fp = ((p == c) & (r != c)).sum(axis=1)
+        fn = ((p != c) & (r == c)).sum(axis=1)
+        denominator = 2 * tp + fp + fn
+        f1_sum += np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+        present += denominator > 0
+    macro = f1_sum / np.maximum(present, 1)
+    tail = (1 - level) / 2 * 100
+    return {
+        name: [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+        for name, values in (("accuracy", accuracy), ("macro_f1", macro))
+    }

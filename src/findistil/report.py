@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from findistil.errors import DataError
-from findistil.metrics import classification_scores
+from findistil.metrics import UNPARSEABLE, bootstrap_intervals, classification_scores
 from findistil.taxonomy import LABELS, parse_label
 
 HUMAN_COLUMN = "human_label"
@@ -53,8 +53,12 @@ def _read_gold(gold_csv: Path) -> tuple[list[dict[str, str]], list[str]]:
 
 
 def _score(answers: list[str], people: list[str]) -> dict[str, Any]:
+    """Label scores against people, with 95% bootstrap intervals of accuracy and macro-F1."""
     parsed = [parse_label(a) for a in answers]
-    return classification_scores([p.label for p in parsed], people, [p.parseable for p in parsed])
+    scores = classification_scores([p.label for p in parsed], people, [p.parseable for p in parsed])
+    read = [p.label if p.parseable else UNPARSEABLE for p in parsed]
+    scores["intervals"] = bootstrap_intervals(read, people) if people else {}
+    return scores
 
 
 def plot_confusion(

@@ -224,6 +224,7 @@ def _evaluation(job_id: str, row, now: datetime) -> dict:
         "mlflow_uri": row.mlflow_uri,
         "predictions_url": predictions_url(job_id, row.id) if has_predictions else None,
         "per_class": report.get("per_class"),  # {label: {precision, recall, f1, support}}
+        "intervals": report.get("intervals"),  # {accuracy, macro_f1}: 95% bootstrap [lo, hi]
         "confusion": report.get("confusion"),  # {labels, columns, matrix}: teacher x student
         "error": row.error,
     }

@@ -97,7 +97,14 @@ class ClassificationWorkload:
         )
         scores = {k: float(cls[k]) for k in ("accuracy", "macro_f1", "weighted_f1")}
         scores["unparseable_rate"] = float(cls["unparseable_rate"])
-        report = {"labels": labels, "per_class": cls["per_class"], "confusion": cls["confusion"]}
+        read = [p.label if p.parseable else metrics.UNPARSEABLE for p in parsed]
+        report = {
+            "labels": labels,
+            "per_class": cls["per_class"],
+            "confusion": cls["confusion"],
+            # 95% bootstrap intervals: a 100-row eval moves by several points on resampling
+            "intervals": metrics.bootstrap_intervals(read, ref_labels) if references else {},
+        }
         lines = [
             {
                 "parsed_label": p.label if p.parseable else None,
