@@ -154,3 +154,54 @@ def test_a_tool_calling_log_curates_by_tool_and_runs_a_whole_job(sqlite_url, tin
         assert scores["function_name_and_args_accuracy"] <= scores["function_name_accuracy"]
     assert nim["customizations"][0]["steps_completed"] >= 1
     store.close()
+
+    # the tuned student is served as a tool-calling model: tools are taken, not refused
+    import openai
+
+    from findistil.api import BackgroundServer, create_app
+
+    with BackgroundServer(create_app(settings, start_runner=False)) as server:
+        sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        tuned = nim["customizations"][0]["customized_model"]
+        listed = {m.id: m for m in sdk.models.list()}
+        assert listed[tuned].workload == "tool_calling"
+        question = records[0]["request"]["messages"]
+        reply = sdk.chat.completions.create(
+            model=tuned, messages=question, tools=records[0]["request"]["tools"], max_tokens=8
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_a_tool_calling_student_answers_with_tool_calls_over_v1(tmp_path):
+    """A tuned tool-calling model's text is read back as OpenAI ``tool_calls`` (plain and
+    streamed); a classifier's stays text and refuses ``tools``."""
+    from findistil.serving import ServedModel, chat_completion, completion_chunks
+
+    tools_model = ServedModel("t", "base", "causal_lm", tmp_path, 0, "j", "tool_calling")
+    text = '<tool_call>{"name": "get_quote", "arguments": {"ticker": "ACME"}}</tool_call>'
+    done = chat_completion(tools_model, Prediction(text, 9, 12), max_new_tokens=64,
+                           request_id="chatcmpl-x")  # fmt: skip
+    (choice,) = done["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == "get_quote"
+    assert json.loads(call["function"]["arguments"]) == {"ticker": "ACME"}
+    chunks = completion_chunks(tools_model, Prediction(text, 9, 12), max_new_tokens=64,
+                               request_id="chatcmpl-x", include_usage=False)  # fmt: skip
+    assert chunks[1]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "get_quote"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # a text answer of a tool-calling model, and any classifier answer, stay text
+    plain = chat_completion(tools_model, Prediction("no call", 9, 2), max_new_tokens=64,
+                            request_id="chatcmpl-y")  # fmt: skip
+    assert plain["choices"][0]["message"]["content"] == "no call"
+    classifier = ServedModel("c", "base", "encoder", tmp_path, 0, "j", "classification")
+    labelled = chat_completion(classifier, Prediction(text, 9, 12), max_new_tokens=64,
+                               request_id="chatcmpl-z")  # fmt: skip
+    assert labelled["choices"][0]["message"]["content"] == text
+
+    from findistil.api.openai import ChatRequest, unsupported
+
+    body = ChatRequest(model="t", messages=[{"role": "user", "content": "hi"}],
+                       tools=[{"type": "function", "function": {"name": "get_quote"}}])  # fmt: skip
+    assert unsupported(body, tools_model) is None
+    assert unsupported(body, classifier) == "tools"

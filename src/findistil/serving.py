@@ -15,6 +15,8 @@ prompt-pruning rule, so callers send the same full upstream-style messages the t
 
 from __future__ import annotations
 
+import json
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from findistil.errors import FindistilError
 from findistil.students import Prediction
 from findistil.students.base import Conversation
 from findistil.students.cache import StudentCache
+from findistil.workloads.tool_calling import parse_calls
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class ServedModel:
     adapter_path: Path | None  # local path of its artefact; None: the base model
     created: int  # unix seconds the artefact was finished (0 when unknown)
     job_id: str | None = None
+    workload: str | None = None  # what it was tuned on (tool_calling answers with tool_calls)
 
     def as_openai(self) -> dict:
         """OpenAI's model object plus findistil's fields (clients ignore unknown keys)."""
@@ -49,6 +53,7 @@ class ServedModel:
             "parent": self.model_name if self.adapter_path else None,
             "kind": self.kind,
             "job_id": self.job_id,
+            "workload": self.workload,
         }
 
 
@@ -87,23 +92,35 @@ def answer(
 def chat_completion(
     model: ServedModel, prediction: Prediction, *, max_new_tokens: int, request_id: str
 ) -> dict:
-    """OpenAI's ``chat.completion`` object for one answer."""
-    finish = finish_reason(prediction, max_new_tokens)
+    """OpenAI's ``chat.completion`` object for one answer; a tool-calling student's calls
+    come back as ``message.tool_calls`` with ``finish_reason: tool_calls``."""
+    message, finish = answer_message(model, prediction, max_new_tokens)
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model.id,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": prediction.text},
-                "finish_reason": finish,
-                "logprobs": None,
-            }
-        ],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
         "usage": usage(prediction),
     }
+
+
+def answer_message(model: ServedModel, prediction: Prediction, max_new_tokens: int):
+    """(assistant message, finish reason) of an answer: text, or the calls it writes when
+    the student was tuned on a tool-calling workload and its text reads as calls."""
+    calls = parse_calls(prediction.text) if model.workload == "tool_calling" else None
+    if not calls:
+        message = {"role": "assistant", "content": prediction.text}
+        return message, finish_reason(prediction, max_new_tokens)
+    tool_calls = [
+        {
+            "id": f"call_{i}_{secrets.token_hex(6)}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)},
+        }
+        for i, (name, args) in enumerate(calls)
+    ]
+    return {"role": "assistant", "content": None, "tool_calls": tool_calls}, "tool_calls"
 
 
 def usage(prediction: Prediction) -> dict:
@@ -139,11 +156,14 @@ def completion_chunks(
         "created": int(time.time()),
         "model": model.id,
     }
-    deltas = [
-        ({"role": "assistant", "content": ""}, None),
-        ({"content": prediction.text}, None),
-        ({}, finish_reason(prediction, max_new_tokens)),
-    ]
+    message, finish = answer_message(model, prediction, max_new_tokens)
+    calls = message.get("tool_calls")
+    body = (
+        {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
+        if calls
+        else {"content": message["content"]}
+    )
+    deltas = [({"role": "assistant", "content": ""}, None), (body, None), ({}, finish)]
     chunks = [
         {**head, "choices": [{"index": 0, "delta": d, "finish_reason": f, "logprobs": None}]}
         for d, f in deltas

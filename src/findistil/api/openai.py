@@ -36,6 +36,7 @@ from findistil.errors import FindistilError
 from findistil.flywheel.jobs import find_served_model, served_models
 from findistil.serving import (
     ContextTooLong,
+    ServedModel,
     answer,
     chat_completion,
     completion_chunks,
@@ -96,10 +97,17 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
-def unsupported(body: ChatRequest) -> str | None:
-    """The first parameter of ``body`` the students cannot honour, or None."""
+# A student tuned on a tool-calling workload writes calls: it takes tools (as the schema it
+# learnt; they are not shown to it) and may be asked to call.
+_TOOL_PARAMS = ("tools", "tool_choice")
+
+
+def unsupported(body: ChatRequest, model: ServedModel) -> str | None:
+    """The first parameter of ``body`` that ``model`` cannot honour, or None."""
     values = {"n": body.n, **(body.model_extra or {})}
     for name, neutral in _NEUTRAL.items():
+        if name in _TOOL_PARAMS and model.workload == "tool_calling":
+            continue
         if name in values and not any(_same(values[name], v) for v in neutral):
             return name
     return None
@@ -137,20 +145,20 @@ async def chat_completions(
     body: ChatRequest, db: DBDep, artifacts: ArtifactsDep, settings: SettingsDep, cache: CacheDep
 ) -> dict | JSONResponse:
     """Answer the conversation with the named student (greedy decoding)."""
-    refused = unsupported(body)
-    if refused is not None:
-        value = (body.model_extra or {}).get(refused, body.n)
-        return openai_error(
-            400,
-            f"{refused}={json.dumps(value)[:80]} is not supported by findistil's students "
-            f"(they answer one greedy text reply): leave {refused} out",
-            "unsupported_parameter",
-            refused,
-        )
     try:
         model = await run_in_threadpool(find_served_model, db, artifacts, body.model)
     except FindistilError as exc:
         return openai_error(exc.http_status, str(exc), "model_not_found")
+    refused = unsupported(body, model)
+    if refused is not None:
+        value = (body.model_extra or {}).get(refused, body.n)
+        return openai_error(
+            400,
+            f"{refused}={json.dumps(value)[:80]} is not supported by {model.id} "
+            f"(it answers one greedy text reply): leave {refused} out",
+            "unsupported_parameter",
+            refused,
+        )
     conversation = [{"role": m.role, "content": flatten_content(m.content)} for m in body.messages]
     budget = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
     work = functools.partial(answer, cache, settings, model, conversation, max_new_tokens=budget)

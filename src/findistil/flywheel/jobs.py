@@ -12,6 +12,7 @@ Also here: ``served_models`` (the tuned students ``/v1`` can answer with) and
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from datetime import datetime
@@ -462,6 +463,7 @@ def served_models(db: FlywheelDB, artifacts: ArtifactStore) -> list[ServedModel]
         rows = conn.execute(query).all()
     tuned: list[ServedModel] = []
     bases: dict[str, ServedModel] = {}
+    workloads: dict[str, str | None] = {}
     for row in rows:
         if not artifacts.exists(row.adapter_key):
             continue
@@ -469,12 +471,28 @@ def served_models(db: FlywheelDB, artifacts: ArtifactStore) -> list[ServedModel]
         created = int(finished.timestamp()) if finished else 0
         kind = row.kind or "auto"
         path = artifacts.path(row.adapter_key)
+        if row.job_id not in workloads:
+            workloads[row.job_id] = _workload_of(artifacts, row.job_id)
         tuned.append(
-            ServedModel(row.customized_model, row.model_name, kind, path, created, row.job_id)
-        )
+            ServedModel(
+                row.customized_model, row.model_name, kind, path, created, row.job_id,
+                workloads[row.job_id],
+            )
+        )  # fmt: skip
         if answers_untuned(kind) and row.model_name not in bases:
             bases[row.model_name] = ServedModel(row.model_name, row.model_name, kind, None, 0)
     return tuned + list(bases.values())
+
+
+def _workload_of(artifacts: ArtifactStore, job_id: str) -> str | None:
+    """The workload type the job's datasets were curated as (their manifest says)."""
+    key = job_key(job_id, "datasets", "manifest.json")
+    if not artifacts.exists(key):
+        return None
+    try:
+        return json.loads(artifacts.read_text(key)).get("workload_type")
+    except (OSError, ValueError):
+        return None
 
 
 def find_served_model(db: FlywheelDB, artifacts: ArtifactStore, model_id: str) -> ServedModel:
