@@ -219,3 +219,11 @@ def test_the_official_openai_sdk_sync_async_streaming_and_errors(client):
         assert exc.code == "context_length_exceeded" and "2048" in exc.message
     else:
         raise AssertionError("an over-long prompt was answered")
+
+    # each student is loaded once and kept (an LRU of student_cache_size, 2 here), its
+    # memory shown in /health
+    health = client.get("/health").json()
+    loaded = {(s["model"], s["kind"]) for s in health["students"]}
+    assert loaded == {(llama["model_name"], "causal_lm"), (bert["model_name"], "encoder")}
+    assert all(s["params"] > 0 and s["weights_mb"] > 0 for s in health["students"])
+    assert health["rss_mb"] > 50

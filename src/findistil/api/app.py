@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
+from pathlib import Path
 
 import uvicorn
 from anyio import to_thread
@@ -279,6 +281,15 @@ def _add_middleware(app: FastAPI, resolved: Settings) -> None:
         )
 
 
+def _rss_mb() -> float | None:
+    """Resident memory of this process (Linux ``/proc``; None elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
 def health(request: Request, db: DBDep, runner: RunnerDep) -> JSONResponse:
     """Is the database reachable and the runner alive? 200 when both, else 503."""
     try:
@@ -295,12 +306,15 @@ def health(request: Request, db: DBDep, runner: RunnerDep) -> JSONResponse:
 
         timeout = request.app.state.settings.lease_timeout_s
         workers = [w for w in live_workers(db, timeout) if w["runner"] != "api"]
+    cache = getattr(request.app.state, "student_cache", None)
     body = HealthResponse(
         status="ok" if ok else "degraded",
         database=database,
         runner=runner_state,
         runner_kind=getattr(runner, "kind", None),
         workers=workers,
+        students=cache.describe() if cache is not None else [],
+        rss_mb=_rss_mb(),
         version=findistil.__version__,
     )
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

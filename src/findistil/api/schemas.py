@@ -221,6 +221,11 @@ class HealthResponse(BaseModel):
     workers: list[dict[str, Any]] = Field(
         default_factory=list, description="processes that run stages and beat recently"
     )
+    students: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="students loaded in this process (an LRU of student_cache_size)",
+    )
+    rss_mb: float | None = Field(None, description="this process's resident memory")
     version: str
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 from findistil.config import Settings
 from findistil.students.base import Student
 
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # per parameter (registry's dtype names)
+
 
 @dataclass
 class _Entry:
@@ -131,6 +133,27 @@ class StudentCache:
         """``(model, kind)`` of every loaded student, least recently used first."""
         with self._lock:
             return [k for k, e in self._entries.items() if e.student is not None]
+
+    def describe(self) -> list[dict]:
+        """Each loaded student (least recently used first) with its weights' size in MB
+        (parameters x bytes per parameter of its dtype), for ``/health``."""
+        with self._lock:
+            loaded = [(k, e.student, e.users) for k, e in self._entries.items() if e.student]
+        return [
+            {
+                "model": model,
+                "kind": kind,
+                "in_use": users > 0,
+                "params": int(getattr(student, "num_params", 0) or 0),
+                "weights_mb": round(
+                    int(getattr(student, "num_params", 0) or 0)
+                    * _BYTES.get(str(getattr(student, "dtype", "")), 4)
+                    / 2**20,
+                    1,
+                ),
+            }
+            for (model, kind), student, users in loaded
+        ]
 
     def clear(self) -> None:
         """Close every student not in use (a worker shutting down, a test)."""
