@@ -104,7 +104,7 @@ def test_config_env_var_names_the_file(yaml_file, monkeypatch):
         ({"data_split_config": {"val_ratio": -0.1}}, "data_split_config.val_ratio"),
         ({"data_split_config": {"bogus": 1}}, "data_split_config.bogus"),
         ({"data_split_config": {"limit": 10}}, "limit (10) must be >= min_total_records"),
-        ({"evaluation_config": {"workload_type": "chat"}}, "evaluation_config.workload_type"),
+        ({"evaluation_config": {"workload_type": "summary"}}, "evaluation_config.workload_type"),
         ({"training_config": {"learning_rate": 0}}, "training_config.learning_rate"),
         ({"lora_config": {"adapter_dropout": 1.5}}, "lora_config.adapter_dropout"),
         ({"icl_config": {"reserved_tokens": 9000}}, "reserved_tokens must be smaller"),
