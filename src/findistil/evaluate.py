@@ -174,6 +174,12 @@ def evaluate(
     scores.update(extra)
     report.update(details)
     lines = _prediction_lines(eval_rows, predictions, references, row_fields, example_ids)
+    return _write_outputs(student, eval_type, scores, report, lines, Path(out_dir),
+                          eval_config, icl_config)  # fmt: skip
+
+
+def _write_outputs(student, eval_type, scores, report, lines, out_dir, eval_config, icl_config):
+    """``predictions.jsonl`` and ``scores.json`` (the card), both or neither."""
     card = {
         "eval_type": eval_type,
         "model_id": getattr(student, "model_id", None),
@@ -184,7 +190,6 @@ def evaluate(
         "eval_config": eval_config.model_dump(),
         "icl_config": icl_config.model_dump() if eval_type == "icl-eval" and icl_config else None,
     }
-    out_dir = Path(out_dir)
     predictions_path, scores_path = out_dir / PREDICTIONS_FILE, out_dir / SCORES_FILE
     write_files_atomically(
         {

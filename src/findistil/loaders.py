@@ -218,10 +218,8 @@ def parse_json_object(raw: bytes, what: str = "request body") -> dict[str, Any]:
     nesting); ``DataError`` naming the problem otherwise."""
     try:
         obj = _json_object(raw, 1, len(raw))
-    except _Rejected as exc:
+    except _Rejected as exc:  # _json_object turns deep nesting into one too
         raise DataError(f"{what}: {exc}") from None
-    except RecursionError:
-        raise DataError(f"{what}: invalid JSON (nested too deeply)") from None
     if obj is None:
         raise DataError(f"{what} is empty: send a JSON object")
     return obj
