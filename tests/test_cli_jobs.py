@@ -86,9 +86,12 @@ def test_create_follow_list_show_delete(server, settings):
     detail = json.loads(_cli("jobs", "show", job_id, "--json", api=server.url).output)
     for nim in detail["nims"]:
         assert Path(nim["model_name"]).name in narrow.stdout
-    sentence = narrow.stdout[narrow.stdout.index("recommended:") :]  # the last thing printed
+    start, end = narrow.stdout.index("recommended:"), narrow.stdout.index("\ncascade ")
     recommended = Path(detail["recommendation"]["model_name"]).name
-    assert " ".join(sentence.split()).count(recommended) == 1  # named once
+    assert " ".join(narrow.stdout[start:end].split()).count(recommended) == 1  # named once
+    cascades = narrow.stdout[end:]  # then each tuned candidate's route calibration
+    for nim in detail["nims"]:
+        assert f"cascade {Path(nim['model_name']).name}:" in cascades
 
     listed = _cli("jobs", "list", "--json", api=server.url)
     assert listed.exit_code == 0

@@ -97,6 +97,21 @@ def test_batched_equals_one_by_one(engine):
     assert len({tuple(i) for i in _ids(batched)}) > 1  # the model does answer differently
 
 
+def test_an_answers_logprob_is_its_tokens_log_likelihood(engine):
+    """The confidence a cascade routes on: the greedy answer's summed token log-probs, as a
+    plain forward pass over prompt + answer computes them (batched, prefix reused)."""
+    convs = _convs()
+    for conv, out in zip(convs, engine.generate(convs, 6, batch_size=4), strict=True):
+        prompt = engine.encode(conv)
+        with torch.inference_mode():
+            logits = engine.model(input_ids=torch.tensor([prompt + out.token_ids])).logits[0]
+        logprobs = torch.log_softmax(logits.float(), -1)
+        manual = sum(
+            logprobs[len(prompt) - 1 + j, tok].item() for j, tok in enumerate(out.token_ids)
+        )
+        assert out.logprob == pytest.approx(manual, abs=1e-3) and out.logprob < 0
+
+
 def test_prefix_reuse_gives_the_same_answers(engine):
     convs = [taxonomy.build_messages(h) for h in HEADLINES]  # the full ~1.6k-token prompt
     plain = engine.generate(convs, 10, prefix_reuse=False)

@@ -103,6 +103,11 @@ def test_job_lifecycle_end_to_end(sqlite_url, demo_store, tiny_nims):
         position = detail["nims"].index(nim)
         assert custom["adapter_key"] == job_key(job_id, "candidates", position, "adapter")
         assert nim["worker"] and nim["worker"].count(":") == 2  # host:pid:token
+        cascade = nim["cascade"]  # calibrated on val, measured on the 13 eval rows
+        assert cascade["temperature"] > 0 and cascade["val_rows"] > 0
+        assert cascade["source"] == ("label_scores" if nim is bert else "logprob")
+        assert 0.0 <= cascade["coverage"] <= 1.0 and len(cascade["curve"]) == 10
+        assert cascade["expected_cost_ratio"] == pytest.approx(1.0 - cascade["coverage"])
     rec = detail["recommendation"]
     assert rec["model_name"] in {llama["model_name"], bert["model_name"]}
     assert sum(n["recommended"] for n in detail["nims"]) == 1

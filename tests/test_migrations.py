@@ -45,7 +45,7 @@ def test_empty_database_gets_exactly_the_live_schema(url):
         assert set(reflected) == {c.name for c in table.columns}, table.name
         for column in table.columns:
             assert reflected[column.name]["nullable"] == column.nullable, (table, column.name)
-    assert schema_version(db.engine, migrations.VERSION_TABLE) == fwdb.SCHEMA_VERSION == 3
+    assert schema_version(db.engine, migrations.VERSION_TABLE) == fwdb.SCHEMA_VERSION == 4
     assert schema_version(db.engine, logstore.VERSION_TABLE) == max(logstore.MIGRATIONS) == 2
     uniques = {i["name"] for i in insp.get_indexes("fw_evaluations") if i["unique"]}
     uniques |= {u["name"] for u in insp.get_unique_constraints("fw_evaluations")}
@@ -54,7 +54,7 @@ def test_empty_database_gets_exactly_the_live_schema(url):
     assert FlywheelDB(url, engine=db.engine).migrate() == fwdb.SCHEMA_VERSION
     with db.begin() as conn:
         versions = conn.execute(sa.text("SELECT version FROM fw_schema_version")).scalars()
-        assert sorted(versions) == [1, 2, 3]
+        assert sorted(versions) == [1, 2, 3, 4]
     db.dispose()
 
 

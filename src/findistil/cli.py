@@ -571,6 +571,54 @@ def jobs_delete(
     console.print(f"{answer['id']}: {answer['message']}")
 
 
+@app.command("deploy")
+def deploy_command(
+    job_id: Annotated[str | None, typer.Argument(help="a completed job")] = None,
+    candidate: Annotated[
+        str | None, typer.Option(help="model_name to deploy (default: the recommended one)")
+    ] = None,
+    teacher_url: Annotated[str | None, typer.Option(help="the teacher's base URL")] = None,
+    teacher_model: Annotated[str | None, typer.Option(help="the teacher's model")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="env var with its API key")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="override the calibrated confidence threshold")
+    ] = None,
+    rollback: Annotated[
+        str | None, typer.Option(help="WORKLOAD_ID: bring back its previous deployment")
+    ] = None,
+    api_url: ApiUrlOption = console_mod.DEFAULT_API_URL,
+    token: TokenOption = None,
+) -> None:
+    """Put a job's tuned student behind findistil/route-<workload> (teacher as fallback)."""
+    client = console_mod.ApiClient(api_url, token=token)
+    if rollback:
+        done = client.rollback(rollback)
+        console.print(f"{done['model']}: deployment {done['id']} ({done['model_name']}) again")
+        return
+    if not job_id:
+        raise console_mod.ApiError("give a JOB_ID to deploy, or --rollback WORKLOAD_ID")
+    teacher = {"base_url": teacher_url, "model": teacher_model, "api_key_env": api_key_env}
+    teacher = {k: v for k, v in teacher.items() if v is not None} or None
+    done = client.deploy(job_id, candidate=candidate, teacher=teacher, threshold=threshold)
+    console.print(f"{done['model']}: deployment {done['id']} serves {done['customized_model']}")
+    console.print(console_mod.cascade_line(done["cascade"]))
+
+
+@app.command("deployments")
+def deployments_command(
+    workload_id: Annotated[str | None, typer.Option("--workload-id")] = None,
+    api_url: ApiUrlOption = console_mod.DEFAULT_API_URL,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List deployments (newest first) with what their routes answered."""
+    found = console_mod.ApiClient(api_url, token=token).list_deployments(workload_id)
+    if as_json:
+        console.print_json(data={"deployments": found})
+    else:
+        console.print(console_mod.deployments_table(found))
+
+
 @app.command()
 def demo(
     config: ConfigOption = None,

@@ -186,6 +186,25 @@ class MlflowConfig(_Section):
         return self.enabled if self.enabled is not None else bool(self.tracking_uri)
 
 
+class CascadeConfig(_Section):
+    """How a deployed student shares its route with the teacher (``cascade.py``)."""
+
+    enabled: bool = Field(True, description="calibrate each tuned student at its eval")
+    target_agreement: float = Field(
+        0.97, gt=0, le=1, description="agreement with the teacher the student's share keeps"
+    )
+    calibration_rows: int = Field(500, ge=1, description="val rows the threshold is fitted on")
+
+
+class TeacherConfig(_Section):
+    """The teacher a route falls back to: any OpenAI-compatible endpoint."""
+
+    base_url: str | None = Field(None, description="e.g. https://integrate.api.nvidia.com/v1")
+    model: str | None = Field(None, description="the teacher's model name at that endpoint")
+    api_key_env: str | None = Field(None, description="environment variable with its key")
+    timeout_s: float = Field(60.0, gt=0)
+
+
 class NimConfig(BaseModel):
     """One candidate student (upstream calls them NIMs). Strict: a misspelt key is an error
     naming it; upstream's deployment keys (``tag``, ``gpus``, ...) are accepted as they are."""
@@ -256,6 +275,7 @@ class JobConfig(BaseModel):
     evaluation_config: EvaluationConfig = Field(default_factory=EvaluationConfig)
     mlflow_config: MlflowConfig = Field(default_factory=MlflowConfig)
     recommendation_tolerance: float = 0.02
+    cascade: CascadeConfig = Field(default_factory=CascadeConfig)
 
 
 def _default_nims() -> list[NimConfig]:
@@ -367,6 +387,8 @@ class Settings(BaseSettings):
     icl_config: ICLConfig = Field(default_factory=ICLConfig)
     evaluation_config: EvaluationConfig = Field(default_factory=EvaluationConfig)
     mlflow_config: MlflowConfig = Field(default_factory=MlflowConfig)
+    cascade: CascadeConfig = Field(default_factory=CascadeConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
 
     @field_validator("api_tokens", mode="before")
     @classmethod
@@ -446,6 +468,7 @@ class Settings(BaseSettings):
             evaluation_config=self.evaluation_config,
             mlflow_config=self.mlflow_config,
             recommendation_tolerance=self.recommendation_tolerance,
+            cascade=self.cascade,
         )
 
 

@@ -95,6 +95,17 @@ class ApiClient:
     def health(self) -> dict:
         return self._call("GET", "/health")
 
+    def deploy(self, job_id: str, **fields: Any) -> dict:
+        body = {"job_id": job_id, **{k: v for k, v in fields.items() if v is not None}}
+        return self._call("POST", "/api/deployments", json=body)
+
+    def list_deployments(self, workload_id: str | None = None) -> list[dict]:
+        params = {"workload_id": workload_id} if workload_id else {}
+        return self._call("GET", "/api/deployments", params=params)["deployments"]
+
+    def rollback(self, workload_id: str) -> dict:
+        return self._call("POST", f"/api/deployments/{workload_id}/rollback")
+
     def close(self) -> None:
         self.http.close()
 
@@ -318,11 +329,49 @@ def _candidate_rows(table: Table, nim: dict) -> None:
 
 
 def recommendation_lines(job: dict) -> list[str]:
-    """The job's recommendation as one sentence (computed by the job service)."""
+    """The job's recommendation as one sentence (computed by the job service), then each
+    tuned candidate's cascade: what share the student would answer on its route."""
     rec = job.get("recommendation")
     if not rec:
         return ["no recommendation: no candidate finished an evaluation"]
-    return [f"[bold]recommended:[/bold] {rec['reason']}"]
+    lines = [f"[bold]recommended:[/bold] {rec['reason']}"]
+    for nim in job.get("nims") or []:
+        cascade = nim.get("cascade")
+        if cascade:
+            lines.append(f"cascade {short_name(nim['model_name'])}: {cascade_line(cascade)}")
+    return lines
+
+
+def cascade_line(cascade: dict) -> str:
+    """A route's calibration in one line."""
+    target = cascade.get("target_agreement")
+    if cascade.get("threshold") is None:
+        return f"no confidence keeps agreement ≥ {target} on val: the teacher answers all"
+    return (
+        f"student answers {cascade['coverage']:.0%} of eval at confidence ≥ "
+        f"{cascade['threshold']:.3f} (agreement {cascade['agreement']:.3f}, target {target}); "
+        f"teacher calls left {cascade['expected_cost_ratio']:.0%}"
+    )
+
+
+def deployments_table(deployments: list[dict]) -> Table:
+    table = Table(title=f"{len(deployments)} deployment(s)")
+    table.add_column("id", justify="right")
+    table.add_column("route", no_wrap=True)
+    for col in ("status", "student", "threshold", "requests", "student share"):
+        table.add_column(col, overflow="fold")
+    for d in deployments:
+        share = d.get("student_share")
+        table.add_row(
+            str(d["id"]),
+            d["model"],
+            _status(d["status"]),
+            short_name(d["model_name"]),
+            _num(d.get("threshold")),
+            str(d.get("requests", 0)),
+            "—" if share is None else f"{share:.0%}",
+        )
+    return table
 
 
 def stage_timings(job: dict) -> Table:

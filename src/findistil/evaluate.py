@@ -306,5 +306,7 @@ def _prediction_lines(
             line["icl_example_ids"] = example_ids[i]
         if pred.label_scores is not None:
             line["label_scores"] = pred.label_scores
+        if pred.logprob is not None:
+            line["logprob"] = round(pred.logprob, 6)
         lines.append(json.dumps(line, ensure_ascii=False))
     return lines

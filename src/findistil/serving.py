@@ -25,7 +25,7 @@ from pathlib import Path
 from findistil.config import Settings
 from findistil.errors import FindistilError
 from findistil.students import Prediction
-from findistil.students.base import Conversation
+from findistil.students.base import Conversation, PredictMode
 from findistil.students.cache import StudentCache
 from findistil.workloads.tool_calling import parse_calls
 
@@ -69,8 +69,11 @@ def answer(
     conversation: Conversation,
     *,
     max_new_tokens: int,
+    mode: PredictMode = "generate",
+    labels: Sequence[str] | None = None,
 ) -> Prediction:
-    """Answer one conversation with ``model`` (loading it into the cache first if needed).
+    """Answer one conversation with ``model`` (loading it into the cache first if needed);
+    ``mode``/``labels`` as ``Student.predict`` (a route scores as its calibration did).
 
     A generating student refuses a prompt longer than its context (``ContextTooLong``); a
     classifier reads the end of an over-long prompt and says how much it dropped
@@ -86,7 +89,9 @@ def answer(
                     f"messages and max_tokens need {needed}: shorten the messages or lower "
                     "max_tokens."
                 )
-        return student.predict([conversation], max_new_tokens=max_new_tokens)[0]
+        return student.predict(
+            [conversation], max_new_tokens=max_new_tokens, mode=mode, labels=labels
+        )[0]
 
 
 def chat_completion(

@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import findistil
 from findistil.api.auth import TokenAuth
+from findistil.api.deployments import router as deployments_router
 from findistil.api.deps import DBDep, RunnerDep
 from findistil.api.jobs import router as jobs_router
 from findistil.api.logs import router as logs_router
@@ -194,6 +195,7 @@ def create_app(settings: Settings | None = None, *, start_runner: bool = True) -
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(jobs_router)
     app.include_router(logs_router)
+    app.include_router(deployments_router)
     from findistil.api.openai import router as openai_router  # OpenAI-compatible serving
 
     app.include_router(openai_router)

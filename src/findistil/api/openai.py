@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import secrets
+from datetime import datetime
 from typing import Any, Literal
 
 from anyio import CapacityLimiter, to_thread
@@ -30,10 +31,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from findistil.api.deps import ArtifactsDep, CacheDep, DBDep, SettingsDep
+from findistil.api.deps import ArtifactsDep, CacheDep, DBDep, SettingsDep, StoreDep
 from findistil.api.schemas import OpenAIErrorResponse, openai_error_body
 from findistil.errors import FindistilError
+from findistil.flywheel.deployments import ROUTE_PREFIX, active_deployment, list_deployments
 from findistil.flywheel.jobs import find_served_model, served_models
+from findistil.routing import Routed, RouteEnv, TeacherUnavailable, route
 from findistil.serving import (
     ContextTooLong,
     ServedModel,
@@ -126,15 +129,42 @@ def openai_error(
     return JSONResponse(openai_error_body(message, code, param), status)
 
 
+def _resolve(db, artifacts, model_id: str) -> tuple[dict | None, ServedModel]:
+    """(deployment or None, the student that answers) of a requested model id."""
+    if not model_id.startswith(ROUTE_PREFIX):
+        return None, find_served_model(db, artifacts, model_id)
+    deployment = active_deployment(db, model_id.removeprefix(ROUTE_PREFIX))
+    return deployment, find_served_model(db, artifacts, deployment["customized_model"])
+
+
+def _route_model(deployment: dict) -> dict:
+    return {
+        "id": deployment["model"],
+        "object": "model",
+        "created": int(datetime.fromisoformat(deployment["created_at"]).timestamp()),
+        "owned_by": "findistil",
+        "root": deployment["model_name"],
+        "parent": deployment["customized_model"],
+        "kind": "route",
+        "job_id": deployment["job_id"],
+        "workload": deployment["cascade"].get("workload"),
+    }
+
+
 @router.get("/models")
 def list_models(db: DBDep, artifacts: ArtifactsDep) -> dict:
-    """The tuned students of completed jobs (newest first) and the bases they were tuned from."""
-    return {"object": "list", "data": [m.as_openai() for m in served_models(db, artifacts)]}
+    """Each workload's route (its deployed student, teacher as fallback), then the tuned
+    students of completed jobs (newest first) and the bases they were tuned from."""
+    routes = [_route_model(d) for d in list_deployments(db) if d["status"] == "active"]
+    students = [m.as_openai() for m in served_models(db, artifacts)]
+    return {"object": "list", "data": routes + students}
 
 
 @router.get("/models/{model_id:path}", response_model=None)
 def get_model(model_id: str, db: DBDep, artifacts: ArtifactsDep) -> dict | JSONResponse:
     try:
+        if model_id.startswith(ROUTE_PREFIX):
+            return _route_model(active_deployment(db, model_id.removeprefix(ROUTE_PREFIX)))
         return find_served_model(db, artifacts, model_id).as_openai()
     except FindistilError as exc:
         return openai_error(exc.http_status, str(exc), "model_not_found")
@@ -142,11 +172,18 @@ def get_model(model_id: str, db: DBDep, artifacts: ArtifactsDep) -> dict | JSONR
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatRequest, db: DBDep, artifacts: ArtifactsDep, settings: SettingsDep, cache: CacheDep
+    body: ChatRequest,
+    db: DBDep,
+    store: StoreDep,
+    artifacts: ArtifactsDep,
+    settings: SettingsDep,
+    cache: CacheDep,
 ) -> dict | JSONResponse:
-    """Answer the conversation with the named student (greedy decoding)."""
+    """Answer the conversation with the named student (greedy decoding), or on a
+    workload's route (``findistil/route-<workload_id>``: the deployed student when sure,
+    else the teacher)."""
     try:
-        model = await run_in_threadpool(find_served_model, db, artifacts, body.model)
+        deployment, model = await run_in_threadpool(_resolve, db, artifacts, body.model)
     except FindistilError as exc:
         return openai_error(exc.http_status, str(exc), "model_not_found")
     refused = unsupported(body, model)
@@ -161,16 +198,32 @@ async def chat_completions(
         )
     conversation = [{"role": m.role, "content": flatten_content(m.content)} for m in body.messages]
     budget = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
-    work = functools.partial(answer, cache, settings, model, conversation, max_new_tokens=budget)
+    if deployment is None:
+        work = functools.partial(
+            answer, cache, settings, model, conversation, max_new_tokens=budget
+        )
+    else:
+        tools = (body.model_extra or {}).get("tools")
+        env = RouteEnv(db, store, cache, settings)
+        work = functools.partial(route, env, deployment, model, conversation,
+                                 max_new_tokens=budget, tools=tools)  # fmt: skip
     try:
-        prediction = await to_thread.run_sync(work, limiter=MODEL_WORK)
+        outcome = await to_thread.run_sync(work, limiter=MODEL_WORK)
     except ContextTooLong as exc:
         return openai_error(400, str(exc), "context_length_exceeded", "messages")
+    except TeacherUnavailable as exc:
+        return openai_error(exc.http_status, str(exc), "teacher_unavailable")
     except FindistilError as exc:  # weights gone, adapter unreadable, ...
         return openai_error(exc.http_status, str(exc), "model_error")
+    prediction, extra = outcome, None
+    if isinstance(outcome, Routed):
+        prediction, model, extra = outcome.prediction, outcome.model, outcome.info()
     request_id = "chatcmpl-" + secrets.token_hex(12)
     if not body.stream:
-        return chat_completion(model, prediction, max_new_tokens=budget, request_id=request_id)
+        completion = chat_completion(
+            model, prediction, max_new_tokens=budget, request_id=request_id
+        )
+        return completion if extra is None else {**completion, "findistil": extra}
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     chunks = completion_chunks(
         model, prediction, max_new_tokens=budget, request_id=request_id,

@@ -67,6 +67,32 @@ class JobRequest(BaseModel):
         return value
 
 
+class TeacherRequest(BaseModel):
+    """The teacher a route falls back to (unset fields: the config's ``teacher``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str | None = Field(None, min_length=1, max_length=2000)
+    model: str | None = Field(None, min_length=1, max_length=1000)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    timeout_s: float | None = Field(None, gt=0, le=600)
+
+
+class DeploymentRequest(BaseModel):
+    """Body of ``POST /api/deployments``: a completed job's tuned student behind its route."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(..., min_length=1, max_length=64)
+    candidate: str | None = Field(
+        None, min_length=1, max_length=1000, description="model_name (default: recommended)"
+    )
+    teacher: TeacherRequest | None = None
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="override the calibrated confidence threshold"
+    )
+
+
 class LogBatch(BaseModel):
     """Body of ``POST /api/logs``: logged calls, each an upstream log record or a
     conversation (``{"messages": [..., assistant answer], "tools"?}``)."""
@@ -202,6 +228,24 @@ class JobDetail(_Open):
     warnings: list[str] = Field(
         default_factory=list, description="problems that did not fail the job"
     )
+
+
+class Deployment(_Open):
+    """One deployment: the tuned student behind ``model`` (``findistil/route-<workload>``)."""
+
+    id: int
+    model: str
+    workload_id: str
+    job_id: str
+    customized_model: str
+    status: Literal["active", "retired", "rolled_back"]
+    threshold: float | None = Field(None, description="calibrated confidence the student needs")
+    requests: int = 0
+    student_share: float | None = None
+
+
+class DeploymentList(_Open):
+    deployments: list[Deployment]
 
 
 class JobActionResponse(_Open):

@@ -3,10 +3,12 @@
 ``fw_jobs`` (one flywheel run over a workload), ``fw_candidates`` (one student per job;
 upstream's "NIM runs"), ``fw_evaluations`` (one per candidate and eval type) and
 ``fw_customizations`` (one per candidate), plus ``fw_workers`` (the processes that run
-stages, with their heartbeats). Fields are upstream's (REFERENCE §8) plus ours: the full
-``scores`` dict, artefact keys (relative to the artefact root), parameter counts, measured
-cost (rows/s, s/row, training seconds, examples/s), and leases: the ``owner`` of a running
-job or candidate and when its lease runs out (``flywheel/leases.py``).
+stages, with their heartbeats) and ``fw_deployments`` / ``fw_route_requests`` (the tuned
+student behind each workload's route, and what the route answered). Fields are
+upstream's (REFERENCE §8) plus ours: the full ``scores`` dict, artefact keys (relative to
+the artefact root), parameter counts, measured cost (rows/s, s/row, training seconds,
+examples/s), and leases: the ``owner`` of a running job or candidate and when its lease runs
+out (``flywheel/leases.py``).
 
 These are the *live* table objects queries use; the schema itself is built by the numbered,
 frozen migrations in ``flywheel/migrations.py`` (applied on open, recorded in
@@ -176,6 +178,42 @@ workers = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("heartbeat_at", DateTime(timezone=True), nullable=False),
     Column("stopped_at", DateTime(timezone=True)),
+)
+
+
+# Which tuned student answers a workload's route (``findistil/route-<workload_id>``):
+# one ``active`` row per workload; deploying retires it, rolling back re-activates the
+# ``previous_id`` one. ``cascade`` holds the route's temperature, threshold and scoring.
+deployments = Table(
+    "fw_deployments",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("workload_id", String(255), nullable=False, index=True),
+    Column("client_id", String(255), nullable=False),  # the teacher's answers are logged here
+    Column("job_id", String(24), nullable=False),
+    Column("candidate_id", Integer, nullable=False),
+    Column("model_name", String(1000), nullable=False),
+    Column("customized_model", Text, nullable=False),
+    Column("status", String(16), nullable=False, index=True),  # active | retired | rolled_back
+    Column("cascade", JSON, nullable=False),
+    Column("teacher", JSON, nullable=False),  # TeacherConfig (the key's env var, never a key)
+    Column("previous_id", Integer),
+    Column("created_at", DateTime(timezone=True), nullable=False, default=utcnow),
+    Column("retired_at", DateTime(timezone=True)),
+)
+
+route_requests = Table(
+    "fw_route_requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("deployment_id", Integer, nullable=False, index=True),
+    Column("at", DateTime(timezone=True), nullable=False, default=utcnow),
+    Column("path", String(16), nullable=False),  # student | teacher
+    Column("confidence", Float),
+    Column("latency_s", Float, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("error", Text),  # the teacher's failure, when it had to answer and could not
 )
 
 

@@ -231,6 +231,17 @@ def _evaluation(job_id: str, row, now: datetime) -> dict:
     }
 
 
+def _cascade(evals, candidate_id: int) -> dict | None:
+    """The tuned student's route calibration (``cascade.py``): threshold, coverage,
+    agreement, expected cost ratio and the risk-coverage curve on eval; None before or
+    without one."""
+    for row in evals:
+        mine = row.candidate_id == candidate_id and row.eval_type == "customized-eval"
+        if mine and row.status == "completed":
+            return (row.report or {}).get("cascade")
+    return None
+
+
 def _customization(row, now: datetime) -> dict:
     return {
         "id": row.id,
@@ -299,6 +310,7 @@ def get_job(db: FlywheelDB, job_id: str) -> dict:
                 "customizations": [
                     _customization(c, now) for c in customs if c.candidate_id == cand.id
                 ],
+                "cascade": _cascade(evals, cand.id),
             }
         )
     config = JobConfig.model_validate(job.config or {})

@@ -13,6 +13,10 @@ migrated database and the live tables agree, from an empty database and from ver
    URIs under ``.../jobs/<id>/`` are rewritten to ``jobs/<id>/...``), and one evaluation per
    (candidate, eval type) / one customization per candidate, so a re-run stage updates its
    row instead of adding one.
+3. Experiment tracking: job warnings, the customization's MLflow run.
+4. Deployments: ``fw_deployments`` (which tuned student answers a workload's route, its
+   threshold and teacher, the one it replaced) and ``fw_route_requests`` (every routed
+   request: the path taken, confidence, latency, tokens).
 """
 
 from __future__ import annotations
@@ -232,5 +236,40 @@ def _v3(conn: Connection) -> None:
     _add_columns(conn, "fw_customizations", [Column("mlflow_uri", Text)])
 
 
+def _v4(conn: Connection) -> None:
+    md = MetaData()
+    Table(
+        "fw_deployments",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("workload_id", String(255), nullable=False, index=True),
+        Column("client_id", String(255), nullable=False),
+        Column("job_id", String(24), nullable=False),
+        Column("candidate_id", Integer, nullable=False),
+        Column("model_name", String(1000), nullable=False),
+        Column("customized_model", Text, nullable=False),
+        Column("status", String(16), nullable=False, index=True),
+        Column("cascade", JSON, nullable=False),
+        Column("teacher", JSON, nullable=False),
+        Column("previous_id", Integer),
+        Column("created_at", _TZ, nullable=False),
+        Column("retired_at", _TZ),
+    )
+    Table(
+        "fw_route_requests",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("deployment_id", Integer, nullable=False, index=True),
+        Column("at", _TZ, nullable=False),
+        Column("path", String(16), nullable=False),
+        Column("confidence", Float),
+        Column("latency_s", Float, nullable=False),
+        Column("prompt_tokens", Integer, nullable=False),
+        Column("completion_tokens", Integer, nullable=False),
+        Column("error", Text),
+    )
+    md.create_all(conn)
+
+
 # Applied in order; never edit a shipped one, append the next.
-MIGRATIONS = {1: _v1, 2: _v2, 3: _v3}
+MIGRATIONS = {1: _v1, 2: _v2, 3: _v3, 4: _v4}

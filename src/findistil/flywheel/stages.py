@@ -466,7 +466,7 @@ def run_eval(ctx: StageContext, job_id: str, candidate_id: int, eval_type: str) 
     try:
         ctx.check(job_id, candidate_id)
         adapter = _trained_adapter(ctx, candidate_id) if eval_type == "customized-eval" else None
-        eval_rows, train_rows, _ = datasets(ctx, job_id)
+        eval_rows, train_rows, val_rows = datasets(ctx, job_id)
         with ctx.student(job_id, candidate_id, nim, adapter) as student:
             _check_scoring_mode(student.kind, config.evaluation_config.scoring_mode)
             result = evaluate(
@@ -480,6 +480,10 @@ def run_eval(ctx: StageContext, job_id: str, candidate_id: int, eval_type: str) 
                 progress=RowProgress(ctx, evaluations, row_id, f"{cand.position}:{eval_type}"),
                 should_stop=ctx.stopper(job_id, candidate_id),
             )
+            if eval_type == "customized-eval" and config.cascade.enabled:
+                result.report["cascade"] = _cascade(
+                    student, config, result, eval_rows, val_rows, ctx.stopper(job_id, candidate_id)
+                )
     except BaseException as exc:
         ctx.artifacts.delete(key)  # no half-written predictions
         _end_row(ctx, evaluations, row_id, exc, time.monotonic() - t0)
@@ -512,6 +516,22 @@ def run_eval(ctx: StageContext, job_id: str, candidate_id: int, eval_type: str) 
     )
     _track(ctx, job_id, config, evaluations, row_id, record)
     return scores
+
+
+def _cascade(student, config: JobConfig, result, eval_rows, val_rows, should_stop) -> dict | None:
+    """The tuned student's calibration and route threshold (``cascade.py``), fitted on val
+    and measured on the eval predictions just written."""
+    from findistil.cascade import calibrate
+    from findistil.workloads import resolve_workload
+
+    ev = config.evaluation_config
+    workload = resolve_workload(ev.workload_type, eval_rows, ev.labels)
+    with open(result.predictions_path, encoding="utf-8") as lines:
+        eval_lines = [json.loads(line) for line in lines if line.strip()]
+    return calibrate(
+        student, val_rows, eval_lines, workload, ev, config.cascade,
+        result.report.get("candidate_answers"), should_stop,
+    )  # fmt: skip
 
 
 def _manifest(ctx: StageContext, job_id: str) -> Path | None:

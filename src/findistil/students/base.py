@@ -40,6 +40,7 @@ class Prediction:
     # log-likelihood (causal LM) or logit (encoder) of every candidate answer, when scored
     label_scores: dict[str, float] | None = None
     truncated_tokens: int = 0  # prompt tokens dropped to fit the model (encoder: left side)
+    logprob: float | None = None  # log-probability of a generated answer (its confidence)
 
 
 @dataclass

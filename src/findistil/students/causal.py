@@ -95,7 +95,10 @@ class CausalLMStudent(Student):
                 should_stop=should_stop,
             )
             return [
-                Prediction(o.text, o.prompt_tokens, o.completion_tokens, o.latency_s) for o in outs
+                Prediction(
+                    o.text, o.prompt_tokens, o.completion_tokens, o.latency_s, logprob=o.logprob
+                )
+                for o in outs
             ]
         if mode != "label_scores":
             raise ConfigError(f"predict mode {mode!r}: expected 'generate' or 'label_scores'")

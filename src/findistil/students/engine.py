@@ -63,6 +63,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int  # generated tokens, the end-of-turn token included
     latency_s: float
+    logprob: float = 0.0  # log-probability of the greedy answer (its tokens, end included)
 
 
 @dataclass
@@ -412,10 +413,10 @@ class Engine:
                 progress,
                 should_stop,
             ):
-                for i, ids in zip(batch, outs, strict=True):
+                for i, (ids, logprob) in zip(batch, outs, strict=True):
                     text_ids = [t for t in ids if t not in self.stop_ids]
                     text = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
-                    results[i] = Generation(text, ids, len(prompts[i]), len(ids), share)
+                    results[i] = Generation(text, ids, len(prompts[i]), len(ids), share, logprob)
         return results  # type: ignore[return-value]
 
     def _run_batches(self, prompts, key, reuse, extra, batch_size, run, stage, progress, stop):
@@ -440,7 +441,9 @@ class Engine:
 
     def _generate_batch(
         self, rows: list[list[int]], prefix: _Prefix | None, plen: int, max_new: int
-    ) -> list[list[int]]:
+    ) -> list[tuple[list[int], float]]:
+        """Greedy tokens of each row and their summed log-probability (the answer's
+        confidence: what a cascade routes on)."""
         ids, real, pos, width = self._layout(rows, plen)
         bsz = len(rows)
         cache = self._new_cache(bsz, plen + width + max_new, prefix, plen)
@@ -468,12 +471,15 @@ class Engine:
         next_pos = torch.tensor([len(r) for r in rows], device=self.device)
         finished = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         generated: list[list[int]] = [[] for _ in rows]
+        logprobs = [0.0] * bsz
         logits = out.logits[:, -1, :]
         for step in range(max_new):
             token = logits.argmax(-1)
+            chosen = torch.log_softmax(logits.float(), -1).gather(1, token[:, None])[:, 0]
             for b in range(bsz):
                 if not finished[b]:
                     generated[b].append(int(token[b]))
+                    logprobs[b] += float(chosen[b])
                     if int(token[b]) in self.stop_ids:
                         finished[b] = True
             if bool(finished.all()) or step == max_new - 1:
@@ -491,7 +497,7 @@ class Engine:
             )
             next_pos = next_pos + 1
             logits = out.logits[:, -1, :]
-        return generated
+        return list(zip(generated, logprobs, strict=True))
 
     # --------------------------------------------------------------------- label scoring
 

@@ -7,7 +7,9 @@ task: nothing outside this package knows a label set or a tool schema. A ``Workl
   splits, few-shot class coverage);
 - ``score(outputs, references)``: scores beyond upstream's token F1 (only floats), a report
   (per-class table, confusion, ...) and per-row fields for ``predictions.jsonl``;
-- ``candidate_answers()``: the answers ``label_scores`` ranks when the train rows give none.
+- ``candidate_answers()``: the answers ``label_scores`` ranks when the train rows give none;
+- ``agreement_field``: the per-row field of ``score``'s lines that says the student agreed
+  with the teacher (what a cascade calibrates on; None: no cascade).
 
 Three kinds (``evaluation_config.workload_type``, ``auto`` picks): ``classification`` for any
 label set (the financial 13 with their variants, or labels discovered from the teacher's
@@ -34,6 +36,7 @@ WORKLOAD_TYPES = ("auto", "classification", "tool_calling", "chat")
 
 class Workload(Protocol):
     name: str
+    agreement_field: str | None  # row field of ``score``'s lines: the student agrees
 
     def stratum(self, answer: dict[str, Any]) -> str: ...
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from findistil import metrics, taxonomy
 from findistil.taxonomy import ParsedLabel
@@ -38,6 +38,7 @@ class ClassificationWorkload:
     parse: Callable[[str | None], ParsedLabel]
     answer_format: Callable[[str], str]
     name: str = "classification"
+    agreement_field: ClassVar[str] = "correct"  # row field: agrees with the teacher
 
     @classmethod
     def financial(cls) -> ClassificationWorkload:

@@ -66,6 +66,7 @@ def parse_calls(text: str | None) -> list[tuple[str, Any]] | None:
 
 class ToolCallingWorkload:
     name = "tool_calling"
+    agreement_field = "name_and_args_correct"
 
     def stratum(self, answer: dict[str, Any]) -> str:
         calls = answer_calls(answer) or parse_calls(answer.get("content")) or []
@@ -100,6 +101,7 @@ class ToolCallingWorkload:
 
 class ChatWorkload:
     name = "chat"
+    agreement_field = None  # free text: no per-row verdict, so no cascade
 
     def stratum(self, answer: dict[str, Any]) -> str:
         return "chat"
