@@ -357,6 +357,41 @@ def label(
         raise typer.Exit(2)
 
 
+teacher_app = typer.Typer(help="The packaged local teacher (Qwen2.5-Coder-1.5B on xllamacpp).")
+app.add_typer(teacher_app, name="teacher", no_args_is_help=True)
+
+
+@teacher_app.command("serve")
+def teacher_serve(
+    port: Annotated[int, typer.Option(min=0, max=65535, help="0: a free port")] = 8090,
+    parallel: Annotated[int, typer.Option(min=1, help="requests decoded together")] = 2,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads")] = None,
+    grammar: Annotated[
+        bool, typer.Option(help="hold answers to the label grammar ([[label]] of the 13)")
+    ] = True,
+    config: ConfigOption = None,
+) -> None:
+    """Serve the local teacher as an OpenAI-compatible endpoint on 127.0.0.1 (Ctrl-C stops)."""
+    import time
+
+    from findistil import taxonomy
+    from findistil.local_teacher import TEACHER_MODEL, label_grammar, start_server
+
+    rules = label_grammar([taxonomy.format_answer(x) for x in taxonomy.LABELS]) if grammar else None
+    server = start_server(
+        get_settings(config), port=port, parallel=parallel, threads=threads, grammar=rules
+    )
+    console.print(
+        f"teacher {TEACHER_MODEL} at {server.listening_address}/v1 "
+        f"({'label grammar' if grammar else 'free text'}); Ctrl-C stops it"
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("teacher stopped")
+
+
 @app.command("report-teacher")
 def report_teacher(
     gold: Annotated[Path, typer.Option("--gold", help="CSV: headline, human_label, *_label")],

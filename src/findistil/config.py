@@ -348,6 +348,12 @@ class Settings(BaseSettings):
         60.0, ge=2, description="a running job/candidate whose owner is silent this long fails"
     )
     student_cache_size: int = Field(2, ge=1, description="students kept loaded per process")
+    serve_max_batch: int = Field(
+        16, ge=1, description="concurrent /v1 requests of one model answered in one batch"
+    )
+    serve_batch_window_ms: float = Field(
+        4.0, ge=0, le=1000, description="how long a request waits for others to batch with"
+    )
     max_record_bytes: int = Field(
         1 << 20, ge=1024, description="a longer log line or CSV row is rejected on load"
     )

@@ -27,7 +27,7 @@ from findistil.flywheel.deployments import log_route_request, route_id
 from findistil.labelling import Teacher
 from findistil.records import message_text
 from findistil.redact import redact_record
-from findistil.serving import ServedModel, answer
+from findistil.serving import Batch, ServedModel
 from findistil.students import Prediction
 from findistil.students.base import Conversation
 
@@ -72,23 +72,30 @@ class Routed:
         }
 
 
+def route_batch(deployment: dict[str, Any], student: ServedModel, max_new_tokens: int) -> Batch:
+    """How the route asks its student: scored as its calibration was."""
+    cascade = deployment["cascade"]
+    labels = cascade.get("labels")
+    return Batch(student, max_new_tokens, cascade.get("scoring_mode", "generate"),
+                 tuple(labels) if labels else None)  # fmt: skip
+
+
 def route(
     env: RouteEnv,
     deployment: dict[str, Any],
     student: ServedModel,
     conversation: Conversation,
+    prediction: Prediction,
     *,
     max_new_tokens: int,
     tools: list | None = None,
+    started: float | None = None,
 ) -> Routed:
-    """Answer ``conversation`` on ``deployment``'s route with ``student`` (its deployed
-    tuned model), falling back to the deployment's teacher below the threshold."""
+    """Decide on ``deployment``'s route given the student's ``prediction`` (asked as
+    ``route_batch`` says): keep it when sure, else ask the teacher. ``started`` is when the
+    request began (``time.perf_counter()``), for the latency on its row."""
+    started = time.perf_counter() if started is None else started
     cascade = deployment["cascade"]
-    started = time.perf_counter()
-    prediction = answer(
-        env.cache, env.settings, student, conversation, max_new_tokens=max_new_tokens,
-        mode=cascade.get("scoring_mode", "generate"), labels=cascade.get("labels"),
-    )  # fmt: skip
     sure = confidence(prediction.label_scores, prediction.logprob, cascade["temperature"])
     threshold = cascade.get("threshold")
     routed = Routed(prediction, "student", sure, threshold,

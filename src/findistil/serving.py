@@ -15,12 +15,15 @@ prompt-pruning rule, so callers send the same full upstream-style messages the t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from anyio import to_thread
 
 from findistil.config import Settings
 from findistil.errors import FindistilError
@@ -62,36 +65,117 @@ class ContextTooLong(FindistilError):
     ``context_length_exceeded``): refused rather than answered from a cut-off prompt."""
 
 
-def answer(
-    cache: StudentCache,
-    settings: Settings,
-    model: ServedModel,
-    conversation: Conversation,
-    *,
-    max_new_tokens: int,
-    mode: PredictMode = "generate",
-    labels: Sequence[str] | None = None,
-) -> Prediction:
-    """Answer one conversation with ``model`` (loading it into the cache first if needed);
-    ``mode``/``labels`` as ``Student.predict`` (a route scores as its calibration did).
+@dataclass(frozen=True)
+class Batch:
+    """What the requests of one micro-batch share: the model and how it is asked."""
+
+    model: ServedModel
+    max_new_tokens: int
+    mode: PredictMode = "generate"
+    labels: tuple[str, ...] | None = None
+
+
+def answer_many(
+    cache: StudentCache, settings: Settings, batch: Batch, conversations: Sequence[Conversation]
+) -> list[Prediction | FindistilError]:
+    """Answer several conversations with one ``predict`` call (a micro-batch of requests):
+    each gets its prediction, or the error that is its alone.
 
     A generating student refuses a prompt longer than its context (``ContextTooLong``); a
     classifier reads the end of an over-long prompt and says how much it dropped
     (``Prediction.truncated_tokens``).
     """
+    model = batch.model
+    out: list[Prediction | FindistilError | None] = [None] * len(conversations)
     with cache.use(model.model_name, model.kind, settings, adapter=model.adapter_path) as student:
         context = getattr(student, "context_length", None)
-        if context is not None:
-            needed = student.prompt_length(conversation) + max_new_tokens
-            if needed > context:
-                raise ContextTooLong(
+        fits = []
+        for i, conversation in enumerate(conversations):
+            needed = student.prompt_length(conversation) + batch.max_new_tokens if context else 0
+            if context is not None and needed > context:
+                out[i] = ContextTooLong(
                     f"This model's maximum context length is {context} tokens, but the "
                     f"messages and max_tokens need {needed}: shorten the messages or lower "
                     "max_tokens."
                 )
-        return student.predict(
-            [conversation], max_new_tokens=max_new_tokens, mode=mode, labels=labels
-        )[0]
+            else:
+                fits.append(i)
+        if fits:
+            predictions = student.predict(
+                [conversations[i] for i in fits],
+                max_new_tokens=batch.max_new_tokens,
+                mode=batch.mode,
+                labels=list(batch.labels) if batch.labels else None,
+                batch_size=len(fits),
+            )
+            for i, prediction in zip(fits, predictions, strict=True):
+                out[i] = prediction
+    return out  # type: ignore[return-value]
+
+
+def answer(
+    cache: StudentCache, settings: Settings, batch: Batch, conversation: Conversation
+) -> Prediction:
+    """``answer_many`` for one conversation; its error is raised."""
+    (result,) = answer_many(cache, settings, batch, [conversation])
+    if isinstance(result, FindistilError):
+        raise result
+    return result
+
+
+class MicroBatcher:
+    """Gathers concurrent requests of one ``Batch`` into one ``answer_many`` call.
+
+    The first request of a batch key waits ``window_s`` for company (less when
+    ``max_batch`` are already queued); the batch then runs on a model-work thread while new
+    requests queue for the next one, so one model answers one batch at a time and the two
+    cores work on many rows at once instead of interleaving single rows. One client at a
+    time pays ``window_s`` of latency; ``max_batch = 1`` turns batching off.
+    """
+
+    def __init__(self, run, *, limiter, max_batch: int = 16, window_s: float = 0.004):
+        self.run, self.limiter = run, limiter  # run(batch, conversations) -> results
+        self.max_batch, self.window_s = max_batch, window_s
+        self._queues: dict[Batch, list] = {}
+        self._tasks: dict[Batch, asyncio.Task] = {}  # the one draining each key's queue
+        self.requests = self.batches = self.largest = 0
+
+    def counts(self) -> dict[str, int]:
+        return {"requests": self.requests, "batches": self.batches, "largest_batch": self.largest}
+
+    async def submit(self, batch: Batch, conversation: Conversation) -> Prediction:
+        """The prediction for ``conversation``; raises its error (``ContextTooLong``, ...)."""
+        future = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(batch, []).append((conversation, future))
+        if batch not in self._tasks:
+            self._tasks[batch] = asyncio.create_task(self._drain(batch))
+        return await future
+
+    async def _drain(self, batch: Batch) -> None:
+        while self._queues.get(batch):
+            if len(self._queues[batch]) < self.max_batch and self.window_s > 0:
+                await asyncio.sleep(self.window_s)
+            queue = self._queues[batch]
+            taken, self._queues[batch] = queue[: self.max_batch], queue[self.max_batch :]
+            conversations = [c for c, _ in taken]
+            self.requests += len(taken)
+            self.batches += 1
+            self.largest = max(self.largest, len(taken))
+            try:
+                results = await to_thread.run_sync(
+                    self.run, batch, conversations, limiter=self.limiter
+                )
+            except Exception as exc:  # the model could not be loaded, ...
+                results = [exc] * len(taken)
+            for (_, future), result in zip(taken, results, strict=True):
+                if future.done():  # the client went away
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        self._queues.pop(batch, None)  # no await since the check: nothing queued meanwhile
+        self._tasks.pop(batch, None)
 
 
 def chat_completion(

@@ -227,3 +227,51 @@ def test_the_official_openai_sdk_sync_async_streaming_and_errors(client):
     assert loaded == {(llama["model_name"], "causal_lm"), (bert["model_name"], "encoder")}
     assert all(s["params"] > 0 and s["weights_mb"] > 0 for s in health["students"])
     assert health["rss_mb"] > 50
+
+
+def test_concurrent_requests_are_batched_and_answered_as_alone(client):
+    """Concurrent requests of one model share a predict call (micro-batching) and each gets
+    the answer it would get alone; a too-long prompt fails only its own request."""
+    import asyncio
+
+    import openai
+
+    job = _completed_job(client)
+    llama, bert = job["nims"]
+    models = [
+        llama["customizations"][0]["customized_model"],
+        bert["customizations"][0]["customized_model"],
+    ]
+    headlines = [f"{HEADLINE} ({i})" for i in range(6)]
+    base_url = f"{client.base_url}/v1"
+
+    def alone(model: str, headline: str) -> str:
+        answer = _assert_completion(_chat(client, model, messages=build_messages(headline)), model)
+        return answer["choices"][0]["message"]["content"]
+
+    expected = {(m, h): alone(m, h) for m in models for h in headlines}
+    before = client.get("/health").json()["serving"]
+
+    async def together() -> list:
+        async with openai.AsyncOpenAI(
+            base_url=base_url, api_key="-", max_retries=0, timeout=120
+        ) as aio:
+            calls = [
+                aio.chat.completions.create(model=m, messages=build_messages(h), max_tokens=5)
+                for m in models
+                for h in headlines
+            ]
+            long_prompt = [{"role": "user", "content": "word " * 3000}]
+            calls.append(
+                aio.chat.completions.create(model=models[0], messages=long_prompt, max_tokens=5)
+            )
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    *answers, refused = asyncio.run(together())
+    got = [a.choices[0].message.content for a in answers]
+    assert got == [expected[(m, h)] for m in models for h in headlines]
+    assert isinstance(refused, openai.BadRequestError) and refused.code == "context_length_exceeded"
+    after = client.get("/health").json()["serving"]
+    requests = after["requests"] - before["requests"]
+    assert requests == 2 * len(headlines) + 1
+    assert after["batches"] - before["batches"] < requests and after["largest_batch"] > 1

@@ -231,6 +231,9 @@ def _lifespan(resolved: Settings, start_runner: bool):
         app.state.store = open_logstore(resolved)
         app.state.artifacts = ArtifactStore(resolved.artifacts_root)
         app.state.student_cache = shared_cache(resolved.student_cache_size)
+        from findistil.api.openai import model_batcher
+
+        app.state.batcher = model_batcher(resolved, app.state.student_cache)
         recovered = service.recover_interrupted(db)
         if recovered:
             log.warning("marked %d interrupted job(s) as failed", recovered)
@@ -309,6 +312,7 @@ def health(request: Request, db: DBDep, runner: RunnerDep) -> JSONResponse:
         timeout = request.app.state.settings.lease_timeout_s
         workers = [w for w in live_workers(db, timeout) if w["runner"] != "api"]
     cache = getattr(request.app.state, "student_cache", None)
+    batcher = getattr(request.app.state, "batcher", None)
     body = HealthResponse(
         status="ok" if ok else "degraded",
         database=database,
@@ -317,6 +321,7 @@ def health(request: Request, db: DBDep, runner: RunnerDep) -> JSONResponse:
         workers=workers,
         students=cache.describe() if cache is not None else [],
         rss_mb=_rss_mb(),
+        serving=batcher.counts() if batcher is not None else {},
         version=findistil.__version__,
     )
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

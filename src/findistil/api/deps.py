@@ -39,6 +39,11 @@ def get_cache(request: Request) -> Any:
     return request.app.state.student_cache
 
 
+def get_batcher(request: Request) -> Any:
+    """This app's ``serving.MicroBatcher`` (concurrent /v1 requests answered together)."""
+    return request.app.state.batcher
+
+
 def get_runner(request: Request) -> Any:
     """The job runner (``flywheel.runner.Runner``), or None when the app runs without one."""
     return request.app.state.runner
@@ -50,3 +55,4 @@ StoreDep = Annotated[Any, Depends(get_store)]
 RunnerDep = Annotated[Any, Depends(get_runner)]
 ArtifactsDep = Annotated[Any, Depends(get_artifacts)]
 CacheDep = Annotated[Any, Depends(get_cache)]
+BatcherDep = Annotated[Any, Depends(get_batcher)]

@@ -22,25 +22,28 @@ from __future__ import annotations
 import functools
 import json
 import secrets
+import time
 from datetime import datetime
 from typing import Any, Literal
 
-from anyio import CapacityLimiter, to_thread
+from anyio import CapacityLimiter
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from findistil.api.deps import ArtifactsDep, CacheDep, DBDep, SettingsDep, StoreDep
+from findistil.api.deps import ArtifactsDep, BatcherDep, CacheDep, DBDep, SettingsDep, StoreDep
 from findistil.api.schemas import OpenAIErrorResponse, openai_error_body
 from findistil.errors import FindistilError
 from findistil.flywheel.deployments import ROUTE_PREFIX, active_deployment, list_deployments
 from findistil.flywheel.jobs import find_served_model, served_models
-from findistil.routing import Routed, RouteEnv, TeacherUnavailable, route
+from findistil.routing import RouteEnv, TeacherUnavailable, route, route_batch
 from findistil.serving import (
+    Batch,
     ContextTooLong,
+    MicroBatcher,
     ServedModel,
-    answer,
+    answer_many,
     chat_completion,
     completion_chunks,
     flatten_content,
@@ -57,6 +60,15 @@ router = APIRouter(
 # /api/jobs (api_threads); two at a time is what two cores can use.
 MODEL_WORK = CapacityLimiter(2)
 DEFAULT_MAX_TOKENS = 64
+
+
+def model_batcher(settings, cache) -> MicroBatcher:
+    """The app's micro-batcher: concurrent requests of one model in one predict call."""
+    run = functools.partial(answer_many, cache, settings)
+    return MicroBatcher(run, limiter=MODEL_WORK, max_batch=settings.serve_max_batch,
+                        window_s=settings.serve_batch_window_ms / 1000)  # fmt: skip
+
+
 MAX_TOKENS_LIMIT = 1024  # a classifier answers in ~6 tokens; this bounds a CPU-minute request
 
 
@@ -178,6 +190,7 @@ async def chat_completions(
     artifacts: ArtifactsDep,
     settings: SettingsDep,
     cache: CacheDep,
+    batcher: BatcherDep,
 ) -> dict | JSONResponse:
     """Answer the conversation with the named student (greedy decoding), or on a
     workload's route (``findistil/route-<workload_id>``: the deployed student when sure,
@@ -198,26 +211,24 @@ async def chat_completions(
         )
     conversation = [{"role": m.role, "content": flatten_content(m.content)} for m in body.messages]
     budget = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
-    if deployment is None:
-        work = functools.partial(
-            answer, cache, settings, model, conversation, max_new_tokens=budget
-        )
-    else:
-        tools = (body.model_extra or {}).get("tools")
-        env = RouteEnv(db, store, cache, settings)
-        work = functools.partial(route, env, deployment, model, conversation,
-                                 max_new_tokens=budget, tools=tools)  # fmt: skip
+    started = time.perf_counter()
+    batch = Batch(model, budget) if deployment is None else route_batch(deployment, model, budget)
     try:
-        outcome = await to_thread.run_sync(work, limiter=MODEL_WORK)
+        prediction = await batcher.submit(batch, conversation)
+        extra = None
+        if deployment is not None:
+            tools = (body.model_extra or {}).get("tools")
+            work = functools.partial(route, RouteEnv(db, store, cache, settings), deployment,
+                                     model, conversation, prediction, max_new_tokens=budget,
+                                     tools=tools, started=started)  # fmt: skip
+            routed = await run_in_threadpool(work)
+            prediction, model, extra = routed.prediction, routed.model, routed.info()
     except ContextTooLong as exc:
         return openai_error(400, str(exc), "context_length_exceeded", "messages")
     except TeacherUnavailable as exc:
         return openai_error(exc.http_status, str(exc), "teacher_unavailable")
     except FindistilError as exc:  # weights gone, adapter unreadable, ...
         return openai_error(exc.http_status, str(exc), "model_error")
-    prediction, extra = outcome, None
-    if isinstance(outcome, Routed):
-        prediction, model, extra = outcome.prediction, outcome.model, outcome.info()
     request_id = "chatcmpl-" + secrets.token_hex(12)
     if not body.stream:
         completion = chat_completion(

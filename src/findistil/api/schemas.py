@@ -270,6 +270,9 @@ class HealthResponse(BaseModel):
         description="students loaded in this process (an LRU of student_cache_size)",
     )
     rss_mb: float | None = Field(None, description="this process's resident memory")
+    serving: dict[str, int] = Field(
+        default_factory=dict, description="/v1 requests answered and the batches they took"
+    )
     version: str
 
 
