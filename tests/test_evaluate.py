@@ -293,6 +293,33 @@ def test_tiny_random_llama_end_to_end(eval_rows, train_rows, tiny_llama_dir, tmp
     )
 
 
+def test_generation_stops_past_the_longest_label(eval_rows, train_rows, tiny_llama_dir, tmp_path):
+    """A classification answer is a label: free generation gets the longest label's tokens
+    plus a margin, not the whole configured budget (random weights never stop early)."""
+    import json
+
+    from findistil.evaluate import ANSWER_MARGIN, candidate_answers
+    from findistil.students import load_student
+    from findistil.workloads import resolve_workload
+
+    student = load_student(str(tiny_llama_dir))
+    rows = eval_rows[:4]
+    config = EvaluationConfig(max_new_tokens=64, batch_size=4)
+    result = evaluate(student, rows, "base-eval", out_dir=tmp_path, eval_config=config,
+                      train_rows=train_rows)  # fmt: skip
+    workload = resolve_workload("auto", rows)
+    longest = max(student.answer_length(a) for a in candidate_answers(train_rows, None, workload))
+    budget = longest + ANSWER_MARGIN
+    assert budget < 64
+    card = json.loads(result.scores_path.read_text())
+    assert card["eval_config"]["max_new_tokens"] == budget
+    assert max(x["completion_tokens"] for x in _lines(result.predictions_path)) == budget
+    # a chat workload has no label to stop at: the configured budget holds
+    chat = EvaluationConfig(max_new_tokens=20, batch_size=4, workload_type="chat")
+    free = evaluate(student, rows, "base-eval", out_dir=tmp_path / "chat", eval_config=chat)
+    assert max(x["completion_tokens"] for x in _lines(free.predictions_path)) == 20
+
+
 def test_encoder_student_goes_through_the_same_path(eval_rows, train_rows, tiny_bert_dir, tmp_path):
     from findistil.config import LoraConfig, TrainingConfig
     from findistil.students import load_student

@@ -101,6 +101,22 @@ def candidate_answers(
     return answers or workload.candidate_answers()
 
 
+ANSWER_MARGIN = 4  # tokens a classification answer may take beyond the longest label
+
+
+def _generation_budget(student, workload, train_rows, labels, eval_config) -> int:
+    """``max_new_tokens`` for free generation. A classification answer is a label: text past
+    the longest one (+ ``ANSWER_MARGIN``) parses as no label, so generating it only costs
+    time (a base model echoing the headline until the budget runs out). Other workloads, and
+    students that cannot count an answer's tokens, get the configured budget."""
+    length = getattr(student, "answer_length", None)
+    if not isinstance(workload, ClassificationWorkload) or not callable(length):
+        return eval_config.max_new_tokens
+    answers = candidate_answers(train_rows, labels, workload)
+    longest = max(length(a) for a in answers)
+    return min(eval_config.max_new_tokens, longest + ANSWER_MARGIN)
+
+
 def _token_counter(student: Student):
     """The student's own tokenizer for the ICL budget when it exposes one, else the heuristic."""
     from findistil.icl import approx_tokens
@@ -153,6 +169,9 @@ def evaluate(
     workload = resolve_workload(eval_config.workload_type, eval_rows, eval_config.labels)
     mode = eval_config.scoring_mode
     answers = candidate_answers(train_rows, labels, workload) if mode == "label_scores" else None
+    if mode == "generate":
+        budget = _generation_budget(student, workload, train_rows, labels, eval_config)
+        eval_config = eval_config.model_copy(update={"max_new_tokens": budget})
     example_ids: list[list[int]] | None = None
     report: dict[str, Any] = {"workload": workload.name, "scoring_mode": mode}
     if eval_type == "icl-eval":

@@ -120,6 +120,10 @@ class CausalLMStudent(Student):
         config = self.engine.model.config.get_text_config(decoder=True)
         return int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
 
+    def answer_length(self, answer: str) -> int:
+        """Tokens this model spends writing ``answer`` (its end-of-turn token included)."""
+        return len(self.engine.answer_ids(answer))
+
     def prompt_length(self, conversation: Conversation) -> int:
         """Tokens of ``conversation``'s prompt as this model would see it (after pruning)."""
         return len(self.engine.encode(self._prepare([conversation])[0]))
