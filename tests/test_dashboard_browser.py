@@ -131,6 +131,7 @@ def test_every_page_draws_the_api_numbers(browser, served_jobs, tmp_path):
     _check_cost(browser, job)
     _check_per_class_and_confusion(browser, job)
     _check_loss_and_timeline(browser, job)
+    _check_cascade(browser, job)
     rec = browser.find_element("css selector", "#recommendation").text
     assert rec.startswith(f"recommended: {Path(job['recommendation']['model_name']).name}")
 
@@ -153,6 +154,19 @@ def test_every_page_draws_the_api_numbers(browser, served_jobs, tmp_path):
             assert float(mark["data-y"]) == pytest.approx(_final(nim)["scores"]["macro_f1"])
 
     assert _console_errors(browser) == []
+
+
+def _check_cascade(browser, job):
+    """The risk-coverage chart draws each tuned student's curve from nims[].cascade."""
+    points = _marks(browser, "svg[data-chart=cascade] circle.point")
+    for nim in job["nims"]:
+        name = Path(nim["model_name"]).name
+        mine = [(float(p["data-x"]), float(p["data-y"])) for p in points if p["data-label"] == name]
+        curve = nim["cascade"]["curve"]
+        assert mine == [
+            (pytest.approx(c["coverage"] * 100, abs=0.5), pytest.approx(c["agreement"]))
+            for c in curve
+        ]
 
 
 def _check_scores(browser, job):

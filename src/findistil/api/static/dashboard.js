@@ -278,6 +278,19 @@ function lossChart(job) {
   return lines("loss", "training loss per step", series, { xLabel: "step" });
 }
 
+// Risk-coverage of each tuned student on eval: agreement with the teacher of its surest
+// share, from 10% to all rows; the caption says where the route's threshold put it.
+function cascadeChart(job) {
+  const tuned = job.nims.filter((n) => n.cascade?.curve?.length);
+  if (!tuned.length) return null;
+  const series = tuned.map((n) => ({ name: shortName(n.model_name),
+    points: n.cascade.curve.map((p) => [Math.round(p.coverage * 100), p.agreement]) }));
+  const at = tuned.map((n) => `${shortName(n.model_name)}: ${n.cascade.threshold === null
+    ? "teacher answers all" : `student answers ${num(n.cascade.coverage * 100, 0)}% at agreement ${num(n.cascade.agreement)}`}`);
+  return lines("cascade", `risk-coverage on eval (route: ${at.join("; ")})`, series,
+               { xLabel: "% of requests the student answers", yMax: 1, dots: true });
+}
+
 function stageRows(job) {
   const starts = job.nims.flatMap((n) => [n.started_at, ...(n.evaluations || []).map((e) => e.started_at),
     ...(n.customizations || []).map((c) => c.started_at)]).filter(Boolean).map((t) => Date.parse(t));
@@ -345,6 +358,7 @@ async function jobPage(app, id) {
   add(scoresChart(job));
   add(costChart(job));
   add(lossChart(job));
+  add(cascadeChart(job));
   const rows = stageRows(job);
   if (rows.length) add(timeline("timeline", "stages per candidate (seconds since the first started)", rows));
   job.nims.forEach((n, i) => {
